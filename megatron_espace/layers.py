@@ -1,0 +1,291 @@
+"""ESPACE tensor-parallel linears: megatron-core's linears with a frozen input projection.
+
+``ESPACEColumnParallelLinear`` / ``ESPACERowParallelLinear`` subclass
+``ColumnParallelLinear`` / ``RowParallelLinear`` with the same constructor, so
+they drop into a ``ModuleSpec``; ``weight`` and ``bias`` keep their names, so
+baseline checkpoints and optimizer state load unchanged. The projection ``P``
+(K×L, orthonormal columns) is the persistent buffer ``espace_proj``: never a
+parameter, never seen by the optimizer or DDP.
+
+Tensor parallelism (DESIGN section 2), with ``projected_linear`` computing
+``Z = x P``, ``A = W P``, ``Ŷ = Z Aᵀ``:
+
+* column-parallel: ``P`` is replicated. The input is replicated, so ``dZ`` is
+  all-reduced (L wide instead of K); under sequence parallelism ``Z`` is
+  all-gathered along the sequence (L wide) and ``dZ`` reduce-scattered.
+* row-parallel: rank r holds the rows ``P_r`` of ``P`` matching its K-slice of
+  the input. ``Z = Σ_r x_r P_r`` is one all-reduce of the L-wide ``Z`` and
+  ``A = Σ_r W_r P_r`` one all-reduce of the N×L ``A`` (independent of the token
+  count); then ``Ŷ = Z Aᵀ`` is already the full output and the layer's N-wide
+  output all-reduce disappears. Under sequence parallelism ``Z`` is
+  reduce-scattered along the sequence instead and ``dA`` all-reduced.
+
+``P`` is stored in float32 (float64 for float64 weights) whatever later casts the
+module gets (``Float16Module`` casts buffers to bf16; ours is exempt, so checkpoints
+and export keep the exact P) and is cast to the activation dtype in each GEMM.
+"""
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.mappings import (
+    _gather_along_first_dim,
+    _reduce,
+    _reduce_scatter_along_first_dim,
+)
+
+from megatron_espace.projected_linear import ProjectionComm, projected_linear
+from megatron_espace.projection import orthonormality_error
+
+#: tolerance of the orthonormality check ``max |PᵀP − I|`` in ``set_projection``
+ORTHONORMAL_ATOL = 1e-4
+
+_IDENTITY = lambda t: t  # noqa: E731
+
+
+def _all_reduce(group):
+    return lambda t: _reduce(t.contiguous(), group)
+
+
+def _all_gather_seq(group):
+    return lambda t: _gather_along_first_dim(t.contiguous(), group)
+
+
+def _reduce_scatter_seq(group):
+    return lambda t: _reduce_scatter_along_first_dim(t.contiguous(), group)
+
+
+def _known_kwargs(parent, kwargs):
+    """Drop keyword arguments ``parent`` does not take (``pg_collection=`` of newer cores)."""
+    accepted = inspect.signature(parent.__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+class _Collectives(ProjectionComm):
+    """A :class:`ProjectionComm` made of four callables."""
+
+    def __init__(self, z_forward=_IDENTITY, z_backward=_IDENTITY, a_forward=_IDENTITY,
+                 a_backward=_IDENTITY):
+        self.z_forward, self.z_backward = z_forward, z_backward
+        self.a_forward, self.a_backward = a_forward, a_backward
+
+
+class _ESPACEMixin:
+    """The projection buffer, its validation, its dtype rule and its checkpoint entry."""
+
+    #: axis of ``espace_proj`` sharded across TP (None: replicated)
+    _proj_tp_axis: Optional[int] = None
+
+    def _init_espace(self, name: Optional[str]):
+        # Expert linears with explicit expert communication reduce outside the layer.
+        self._espace_unsupported = (
+            "MoE expert linears are not supported" if self.explicit_expert_comm else None
+        )
+        self.espace_name = name or type(self).__name__
+        self.register_buffer("espace_proj", None, persistent=True)
+        self._espace_comm = None
+
+    @property
+    def projection_rank(self) -> Optional[int]:
+        """``L``; None when the layer has no projection and behaves exactly like its parent."""
+        return None if self.espace_proj is None else self.espace_proj.shape[1]
+
+    def _tp_size_rank(self):
+        if self.tp_group is None or self.tp_group.size() == 1:
+            return 1, 0
+        return self.tp_group.size(), self.tp_group.rank()
+
+    def set_projection(self, proj: Optional[torch.Tensor], *, atol: float = ORTHONORMAL_ATOL):
+        """Install ``proj``: the full ``[input_size, L]`` matrix, identical on every TP rank.
+
+        The layer keeps its own part (all of it, or its K-rows when row-parallel).
+        ``None`` or ``L = 0`` removes the projection. Raises ``ValueError`` naming the
+        layer for a wrong shape, non-orthonormal columns or TP ranks that disagree.
+        """
+        if proj is None or (proj.dim() == 2 and proj.shape[1] == 0):
+            self.espace_proj = None
+            return
+        where = f"ESPACE layer '{self.espace_name}'"
+        if self._espace_unsupported:
+            raise ValueError(f"{where}: {self._espace_unsupported}")
+        if proj.dim() != 2 or proj.shape[0] != self.input_size:
+            raise ValueError(
+                f"{where}: projection has shape {tuple(proj.shape)}, expected "
+                f"[{self.input_size}, L] (K = input_size = {self.input_size})"
+            )
+        if proj.shape[1] > self.input_size:
+            raise ValueError(f"{where}: rank L={proj.shape[1]} exceeds K={self.input_size}")
+        if not torch.isfinite(proj).all():
+            raise ValueError(f"{where}: projection contains NaN or Inf")
+        err = orthonormality_error(proj)
+        if err > atol:
+            raise ValueError(
+                f"{where}: projection columns are not orthonormal: max |PᵀP - I| = {err:.3e} "
+                f"> {atol:.0e}"
+            )
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        full = proj.detach().to(device=self.weight.device, dtype=dtype).contiguous()
+        tp, rank = self._tp_size_rank()
+        if tp > 1:
+            reference = full.clone()
+            dist.broadcast(reference, src=dist.get_global_rank(self.tp_group, 0),
+                           group=self.tp_group)
+            diff = torch.tensor([(reference - full).abs().max().item()])
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=self.tp_group)
+            if diff.item() > 0:
+                raise ValueError(
+                    f"{where}: projection differs across tensor-parallel ranks "
+                    f"(max |P_rank - P_rank0| = {diff.item():.3e}); pass the same full P everywhere"
+                )
+        if self._proj_tp_axis is not None:
+            full = full.chunk(tp, dim=self._proj_tp_axis)[rank].contiguous()
+        self.espace_proj = full
+
+    def _apply(self, fn, recurse=True):
+        # Keep P float32 through .bfloat16()/.half() (Float16Module); follow device moves.
+        proj = self._buffers.get("espace_proj")
+        self._buffers["espace_proj"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if proj is not None:
+                target = fn(torch.empty(0, device=proj.device)).device
+                self._buffers["espace_proj"] = proj.to(target)
+        return self
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The parent's entries plus ``P`` under a per-layer key.
+
+        Layers are stacked under one key in torch_dist checkpoints, but ``L`` may differ per
+        layer, so ``P`` is saved without the layer offset, as
+        ``{prefix}espace_proj.L{global_layer}`` (PP-invariant, and W's keys stay baseline's).
+        """
+        from megatron.core.utils import (
+            make_sharded_tensor_for_checkpoint,
+            make_tp_sharded_tensor_for_checkpoint,
+        )
+
+        proj = self._buffers.pop("espace_proj", None)
+        try:
+            sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self._buffers["espace_proj"] = proj
+        if proj is None:
+            return sharded
+        key = f"{prefix}espace_proj"
+        if sharded_offsets:
+            key += f".L{sharded_offsets[0][1]}"
+        groups = dict(tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        if groups["dp_cp_group"] is None:
+            from megatron.core import parallel_state
+
+            groups["dp_cp_group"] = parallel_state.get_data_parallel_group(
+                with_context_parallel=True
+            )
+        if self._proj_tp_axis is None:
+            sharded[f"{prefix}espace_proj"] = make_sharded_tensor_for_checkpoint(proj, key, **groups)
+        else:
+            sharded[f"{prefix}espace_proj"] = make_tp_sharded_tensor_for_checkpoint(
+                proj, key, tp_axis=self._proj_tp_axis, **groups
+            )
+        return sharded
+
+    def _accumulate_main_grad(self, weight) -> bool:
+        return bool(self.gradient_accumulation_fusion) and weight is self.weight
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, espace_rank={self.projection_rank})"
+
+
+class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
+    """``ColumnParallelLinear`` computing ``Wᵀ P Pᵀ X``; P replicated on every TP rank."""
+
+    _proj_tp_axis = None
+
+    def __init__(self, input_size, output_size, *, config, init_method, name=None, **kwargs):
+        super().__init__(input_size, output_size, config=config, init_method=init_method,
+                         **_known_kwargs(ColumnParallelLinear, kwargs))
+        self._init_espace(name)
+
+    def _comm(self) -> ProjectionComm:
+        if self._espace_comm is None:
+            group = self.tp_group
+            tp, _ = self._tp_size_rank()
+            if tp == 1:
+                self._espace_comm = _Collectives()
+            elif self.sequence_parallel:
+                self._espace_comm = _Collectives(z_forward=_all_gather_seq(group),
+                                                 z_backward=_reduce_scatter_seq(group))
+            elif self.disable_grad_reduce:
+                self._espace_comm = _Collectives()
+            else:
+                self._espace_comm = _Collectives(z_backward=_all_reduce(group))
+        return self._espace_comm
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        """``input_ [s(/tp under SP), b, K] -> ([s, b, N/tp] or gathered [s, b, N], bias)``."""
+        if self.espace_proj is None:
+            return super().forward(input_, weight, runtime_gather_output)
+        if weight is None:
+            weight = self.weight
+        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            raise RuntimeError(
+                f"supplied weight's shape is {tuple(weight.shape)}, "
+                f"not {(self.output_size_per_partition, self.input_size)} as expected"
+            )
+        output = projected_linear(input_, weight, self.espace_proj, self._comm(),
+                                  self._accumulate_main_grad(weight))
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, (self.bias if self.skip_bias_add else None)
+
+
+class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
+    """``RowParallelLinear`` computing ``Wᵀ P Pᵀ X``; rank r holds the rows ``P_r``."""
+
+    _proj_tp_axis = 0
+
+    def __init__(self, input_size, output_size, *, config, init_method, name=None, **kwargs):
+        super().__init__(input_size, output_size, config=config, init_method=init_method,
+                         **_known_kwargs(RowParallelLinear, kwargs))
+        self._init_espace(name)
+
+    def _comm(self) -> ProjectionComm:
+        if self._espace_comm is None:
+            group = self.tp_group
+            tp, _ = self._tp_size_rank()
+            if tp == 1:
+                self._espace_comm = _Collectives()
+            elif self.sequence_parallel:
+                self._espace_comm = _Collectives(
+                    z_forward=_reduce_scatter_seq(group), z_backward=_all_gather_seq(group),
+                    a_forward=_all_reduce(group), a_backward=_all_reduce(group))
+            else:
+                self._espace_comm = _Collectives(z_forward=_all_reduce(group),
+                                                 a_forward=_all_reduce(group))
+        return self._espace_comm
+
+    def forward(self, input_):
+        """``input_ [s, b, K/tp] -> ([s(/tp under SP), b, N], bias)``."""
+        if self.espace_proj is None:
+            return super().forward(input_)
+        if self.input_is_parallel:
+            input_parallel = input_
+        else:
+            input_parallel = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        output = projected_linear(input_parallel, self.weight, self.espace_proj, self._comm(),
+                                  self._accumulate_main_grad(self.weight))
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None

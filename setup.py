@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-espace",
+    version="0.1.0",
+    description="ESPACE activation-projection compression for Megatron-LM / megatron-core models",
+    packages=find_packages(include=["megatron_espace", "megatron_espace.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned here: the CPU toolchain pins torch==2.13.0 in
+    # requirements-cpu.txt, a GPU install keeps the CUDA torch it already has.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "safetensors>=0.4",
+        "PyYAML>=6",
+        "tqdm",
+        "psutil",  # without it a dist_checkpointing save hangs (DESIGN section 6)
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+    },
+    entry_points={"console_scripts": ["espace=megatron_espace.cli:main"]},
+)

@@ -1,0 +1,46 @@
+"""Shared builders for the tests: tiny megatron configs, GPT models, random orthonormal P."""
+
+import torch
+
+
+def orthonormal(k: int, l: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """A random K×L matrix with orthonormal columns."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(k, l, generator=g, dtype=torch.float64))
+    return q.to(dtype)
+
+
+def transformer_config(tp: int = 1, sp: bool = False, pp: int = 1, dtype=torch.float32, **kw):
+    from megatron.core.transformer import TransformerConfig
+
+    args = dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=sp and tp > 1, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, bias_activation_fusion=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    args.update(kw)
+    return TransformerConfig(**args)
+
+
+def gpt_model(config, spec=None, vocab_size: int = 128, seq_length: int = 32, **kw):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return GPTModel(
+        config=config, transformer_layer_spec=spec or get_gpt_layer_local_spec(),
+        vocab_size=vocab_size, max_sequence_length=seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(), **kw)
+
+
+def token_batch(batch: int = 4, seq_length: int = 32, vocab_size: int = 128, seed: int = 0):
+    """A fixed batch of random tokens with positions and next-token labels."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab_size, (batch, seq_length + 1), generator=g)
+    pos = torch.arange(seq_length).unsqueeze(0).expand(batch, -1)
+    return data[:, :-1].contiguous(), pos, data[:, 1:].contiguous()
