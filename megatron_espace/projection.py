@@ -5,7 +5,15 @@ parameters dense and ``L·(K+N)`` with ESPACE at inference (``B = Pᵀ W`` L×N
 plus ``P`` K×L).
 """
 
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import safetensors
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def layer_compression(k: int, n: int, rank: int) -> float:
@@ -51,3 +59,96 @@ def sorted_eigh(c: torch.Tensor, by_magnitude: bool = False):
     signs = torch.sign(vecs[pivot, torch.arange(vecs.shape[1])])
     signs[signs == 0] = 1
     return vecs * signs, vals
+
+
+FORMAT = "megatron-espace-projections"
+VERSION = 1
+
+
+class Projections:
+    """Per layer and statistic: eigenvectors (best first) and eigenvalues.
+
+    ``eigen(layer, method) -> (vecs [K, R], vals [K])`` with ``R <= K`` kept columns;
+    ``P = vecs[:, :L]``. ``chosen[layer]`` records the statistic picked for the
+    layer (by validation loss) when a sensitivity pass has run. Stored as one
+    safetensors file (tensors ``{layer}::{method}::vecs`` / ``::vals``) whose
+    header metadata holds the JSON index; no pickle.
+    """
+
+    def __init__(self, source: str = "<memory>"):
+        self._eigen = {}
+        self.chosen = {}
+        self.info = {}  # free-form JSON-able provenance (calibration data, counts, ...)
+        self.source = source
+
+    def add(self, layer: str, method: str, vecs: torch.Tensor, vals: torch.Tensor) -> None:
+        if vecs.dim() != 2 or vals.dim() != 1 or vals.shape[0] != vecs.shape[0]:
+            raise ValueError(f"{layer}/{method}: expected vecs [K, R] and vals [K], got "
+                             f"{tuple(vecs.shape)} and {tuple(vals.shape)}")
+        self._eigen[(layer, method)] = (vecs.detach().cpu(), vals.detach().cpu())
+
+    def eigen(self, layer: str, method: str):
+        try:
+            return self._eigen[(layer, method)]
+        except KeyError:
+            have = sorted(m for (n, m) in self._eigen if n == layer)
+            what = (f"has methods {have} for it" if have else "has no entry for it")
+            raise KeyError(f"{self.source}: no projection for layer '{layer}' with method "
+                           f"'{method}' (the file {what})") from None
+
+    def projection(self, layer: str, method: str, rank: int) -> torch.Tensor:
+        """``P = vecs[:, :rank]`` (K×rank)."""
+        vecs, _ = self.eigen(layer, method)
+        if rank > vecs.shape[1]:
+            raise ValueError(f"{self.source}: layer '{layer}' method '{method}' keeps "
+                             f"{vecs.shape[1]} eigenvectors, rank {rank} asked")
+        return vecs[:, :rank]
+
+    def layers(self):
+        return sorted({n for (n, _) in self._eigen})
+
+    def methods(self, layer: str):
+        return sorted(m for (n, m) in self._eigen if n == layer)
+
+    def save(self, path, max_rank: Optional[int] = None, dtype=torch.float32) -> None:
+        """Write atomically to ``path``; ``max_rank`` keeps only that many eigenvectors."""
+        tensors, index = {}, []
+        for (layer, method), (vecs, vals) in sorted(self._eigen.items()):
+            keep = vecs if max_rank is None else vecs[:, :max_rank]
+            tensors[f"{layer}::{method}::vecs"] = keep.to(dtype).contiguous()
+            tensors[f"{layer}::{method}::vals"] = vals.to(torch.float64).contiguous()
+            index.append([layer, method])
+        meta = {"format": FORMAT, "version": str(VERSION), "index": json.dumps(index),
+                "chosen": json.dumps(self.chosen), "info": json.dumps(self.info)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path) -> "Projections":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: projections file not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path}: not an ESPACE projections file "
+                                     f"(metadata 'format' is {meta.get('format')!r})")
+                if meta.get("version") != str(VERSION):
+                    raise ValueError(f"{path}: projections format version "
+                                     f"{meta.get('version')!r}, this build reads {VERSION}")
+                out = cls(source=str(path))
+                for layer, method in json.loads(meta["index"]):
+                    out.add(layer, method, f.get_tensor(f"{layer}::{method}::vecs"),
+                            f.get_tensor(f"{layer}::{method}::vals"))
+                out.chosen = json.loads(meta.get("chosen", "{}"))
+                out.info = json.loads(meta.get("info", "{}"))
+        except (safetensors.SafetensorError, json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{path}: corrupt projections file: {e}") from None
+        return out

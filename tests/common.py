@@ -44,3 +44,48 @@ def token_batch(batch: int = 4, seq_length: int = 32, vocab_size: int = 128, see
     data = torch.randint(0, vocab_size, (batch, seq_length + 1), generator=g)
     pos = torch.arange(seq_length).unsqueeze(0).expand(batch, -1)
     return data[:, :-1].contiguous(), pos, data[:, 1:].contiguous()
+
+
+def random_projections(model, methods=("mse",), seed: int = 0):
+    """A Projections with, per candidate linear, the eigenvectors of a random PSD matrix.
+
+    Deterministic in (layer name, method, seed), so every rank builds the same file.
+    """
+    import zlib
+
+    from megatron_espace.projection import Projections, sorted_eigh
+    from megatron_espace.surgery import linear_layers
+
+    projs = Projections()
+    for name, module in linear_layers(model).items():
+        for method in methods:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{method}/{seed}".encode()))
+            a = torch.randn(module.input_size, module.input_size, generator=g,
+                            dtype=torch.float64)
+            vecs, vals = sorted_eigh(a @ a.t())
+            projs.add(name, method, vecs, vals)
+    return projs
+
+
+def train_steps(model, config, steps: int = 8, lr: float = 3e-3, batch=None):
+    """Wrap ``model`` in megatron DDP + optimizer and run ``steps`` steps on one fixed batch.
+
+    Returns (losses, ddp_model, optimizer).
+    """
+    from megatron.core.distributed import DistributedDataParallel as DDP
+    from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp = DDP(config, DistributedDataParallelConfig(), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, clip_grad=1.0), [ddp])
+    tokens, pos, labels = batch or token_batch()
+    losses = []
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = ddp(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        opt.step()
+        losses.append(loss.item())
+    return losses, ddp, opt

@@ -1,0 +1,134 @@
+"""``ESPACEConfig``: which layers to project, at what rank, with which statistic.
+
+YAML or dict (DESIGN section 5)::
+
+    calibration:
+      methods: [mse, nmse, go_mse, go_mse_l2, nl_mse, nl_mse_l2]
+    layers:                         # first match wins; glob over module names
+      - match: "decoder.layers.*.mlp.linear_fc1"
+        rank: 256                   # or  compression: 0.5
+        method: go_mse              # or  auto
+
+Every error is an :class:`ConfigError` naming the file (when there is one) and the
+field, e.g. ``espace.yaml: layers[1].rank: must be a positive integer, got -4``.
+"""
+
+import dataclasses
+import fnmatch
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+#: the six statistics of the paper (Section 3), in its order
+METHODS = ("mse", "nmse", "go_mse", "go_mse_l2", "nl_mse", "nl_mse_l2")
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """Bad ESPACE configuration; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """One ``layers:`` entry. Exactly one of ``rank`` and ``compression`` is set."""
+
+    match: str
+    rank: Optional[int] = None
+    compression: Optional[float] = None
+    method: str = AUTO
+    index: int = 0  # position in ``layers:``, for error messages
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    methods: tuple = METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class ESPACEConfig:
+    layers: List[LayerRule]
+    calibration: CalibrationConfig = CalibrationConfig()
+    source: str = "<dict>"  # the file it came from, for error messages
+
+    @classmethod
+    def from_yaml(cls, path) -> "ESPACEConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ESPACE config: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data, source: str = "<dict>") -> "ESPACEConfig":
+        def fail(field, msg):
+            raise ConfigError(f"{source}: {field}: {msg}")
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the config must be a mapping with a 'layers' list")
+        _no_unknown(data, {"calibration", "layers"}, "", fail)
+
+        calib = data.get("calibration") or {}
+        if not isinstance(calib, dict):
+            fail("calibration", "must be a mapping")
+        _no_unknown(calib, {"methods"}, "calibration.", fail)
+        methods = calib.get("methods", list(METHODS))
+        if not isinstance(methods, list) or not methods:
+            fail("calibration.methods", f"must be a non-empty list drawn from {list(METHODS)}")
+        for i, m in enumerate(methods):
+            if m not in METHODS:
+                fail(f"calibration.methods[{i}]", f"unknown method {m!r}; choose from {list(METHODS)}")
+        if len(set(methods)) != len(methods):
+            fail("calibration.methods", "lists a method twice")
+
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not layers:
+            fail("layers", "must be a non-empty list of {match, rank | compression, method}")
+        rules = []
+        for i, entry in enumerate(layers):
+            field = f"layers[{i}]"
+            if not isinstance(entry, dict):
+                fail(field, "must be a mapping with 'match' and 'rank' or 'compression'")
+            _no_unknown(entry, {"match", "rank", "compression", "method"}, f"{field}.", fail)
+            match = entry.get("match")
+            if not isinstance(match, str) or not match:
+                fail(f"{field}.match", "must be a non-empty glob over module names")
+            rank, comp = entry.get("rank"), entry.get("compression")
+            if (rank is None) == (comp is None):
+                fail(field, "give exactly one of 'rank' and 'compression'")
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
+                                     or rank <= 0):
+                fail(f"{field}.rank", f"must be a positive integer, got {rank!r}")
+            if comp is not None and (isinstance(comp, bool) or not isinstance(comp, (int, float))
+                                     or not 0 < comp < 1):
+                fail(f"{field}.compression", f"must be a number in (0, 1), got {comp!r}")
+            method = entry.get("method", AUTO)
+            if method != AUTO and method not in METHODS:
+                fail(f"{field}.method",
+                     f"unknown method {method!r}; choose from {list(METHODS) + [AUTO]}")
+            if method != AUTO and method not in methods:
+                fail(f"{field}.method", f"{method!r} is not in calibration.methods {methods}")
+            rules.append(LayerRule(match, rank, None if comp is None else float(comp), method, i))
+        return cls(rules, CalibrationConfig(tuple(methods)), source)
+
+    def rule_for(self, name: str) -> Optional[LayerRule]:
+        """The first rule whose glob matches ``name``, or None."""
+        return next((r for r in self.layers if r.matches(name)), None)
+
+    def error(self, rule: LayerRule, field: str, msg: str) -> ConfigError:
+        """A :class:`ConfigError` for ``layers[i].<field>`` of this config."""
+        return ConfigError(f"{self.source}: layers[{rule.index}].{field}: {msg}")
+
+
+def _no_unknown(mapping, allowed, prefix, fail):
+    for key in mapping:
+        if key not in allowed:
+            fail(f"{prefix}{key}", f"unknown key; allowed keys are {sorted(allowed)}")

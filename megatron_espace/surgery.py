@@ -1,0 +1,199 @@
+"""Model surgery: turn a built megatron-core model's linears into ESPACE layers, in place.
+
+``apply_espace(model, cfg, projections)`` follows the config's first-match-wins
+rules over module names. A matched ``ColumnParallelLinear`` / ``RowParallelLinear``
+becomes its ESPACE subclass by a class swap: the same module object, the same
+``weight``/``bias`` Parameter objects, so it works before or after DDP and optimizer
+creation and leaves checkpoint keys unchanged. ``output_layer`` and embeddings are
+never candidates.
+
+Layer names are module paths relative to the unwrapped model (DDP / Float16Module
+removed) with transformer layers numbered globally (``TransformerLayer.layer_number - 1``),
+so the same names hold at any pipeline-parallel size.
+"""
+
+import copy
+import dataclasses
+from typing import Dict, Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megatron_espace.config import AUTO, ConfigError, ESPACEConfig
+from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
+from megatron_espace.projection import Projections, rank_for_compression
+
+_ESPACE_CLASS = {ColumnParallelLinear: ESPACEColumnParallelLinear,
+                 RowParallelLinear: ESPACERowParallelLinear}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What ``apply_espace`` does to one layer. ``K`` input, ``N`` output features (full)."""
+
+    kind: str  # "column" | "row"
+    K: int
+    N: int
+    rank: int
+    method: str
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip megatron's DDP and Float16Module wrappers."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(model, (DistributedDataParallel, Float16Module)):
+        model = model.module
+    return model
+
+
+def linear_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """Candidate linears by global name: megatron's column/row linears and TE linears.
+
+    Excludes ``output_layer`` (the LM head) and embeddings.
+    """
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    model = unwrap(model)
+    renames = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TransformerLayer):
+            head, _, _ = name.rpartition(".")
+            renames[name] = f"{head}.{module.layer_number - 1}" if head else str(
+                module.layer_number - 1)
+    out = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or _is_te_linear(
+                module)):
+            continue
+        if name.split(".")[-1] == "output_layer" or "embedding" in name:
+            continue
+        out[_global_name(name, renames)] = module
+    return out
+
+
+def _global_name(name, renames):
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in renames:
+            return ".".join([renames[prefix]] + parts[i:])
+    return name
+
+
+def _is_te_linear(module) -> bool:
+    return type(module).__module__.startswith("megatron.core.extensions.transformer_engine") and (
+        "Linear" in type(module).__name__)
+
+
+def _kind(module) -> str:
+    return "row" if isinstance(module, RowParallelLinear) else "column"
+
+
+def plan_espace(model: torch.nn.Module, cfg: ESPACEConfig,
+                projections: Optional[Projections] = None) -> Dict[str, LayerPlan]:
+    """Resolve ``cfg`` against ``model``: which layers get which rank and method.
+
+    Raises :class:`ConfigError` naming the field for a pattern that matches no layer (on any
+    pipeline stage), a rank ``>= K``, an unreachable compression, ``method: auto`` without a
+    per-layer choice in ``projections``, or a match on a Transformer Engine fused layer.
+    """
+    layers = linear_layers(model)
+    plans, hits = {}, [0] * len(cfg.layers)
+    for name, module in layers.items():
+        rule = cfg.rule_for(name)
+        if rule is None:
+            continue
+        hits[rule.index] += 1
+        if _is_te_linear(module):
+            raise cfg.error(rule, "match", f"'{name}' is a Transformer Engine layer "
+                            f"({type(module).__name__}); ESPACE needs the unfused layer spec "
+                            "(megatron_espace.surgery.get_gpt_layer_espace_spec)")
+        k, n = module.input_size, module.output_size
+        if rule.rank is not None:
+            rank = rule.rank
+            if rank >= k:
+                raise cfg.error(rule, "rank", f"{rank} >= K={k} (input features) of '{name}'")
+        else:
+            try:
+                rank = rank_for_compression(k, n, rule.compression)
+            except ValueError as e:
+                raise cfg.error(rule, "compression", f"{e} ('{name}')") from None
+        method = rule.method
+        if method == AUTO:
+            method = (projections.chosen.get(name) if projections is not None else None) or AUTO
+        plans[name] = LayerPlan(_kind(module), k, n, rank, method)
+    _check_every_rule_matched(cfg, hits, layers)
+    return plans
+
+
+def _check_every_rule_matched(cfg, hits, layers):
+    counts = torch.tensor(hits, dtype=torch.long)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(counts)  # a pattern may match on another pipeline stage
+    for rule, count in zip(cfg.layers, counts.tolist()):
+        if count == 0:
+            sample = ", ".join(list(layers)[:4])
+            raise cfg.error(rule, "match", f"pattern '{rule.match}' matches no linear layer "
+                            f"(or every match is taken by an earlier rule); layers look like: "
+                            f"{sample}, ...")
+
+
+def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
+                 projections: Projections) -> Dict[str, LayerPlan]:
+    """Make the matched linears of ``model`` ESPACE layers with ``P`` from ``projections``.
+
+    In place; returns the per-layer plan. Checks that ``projections`` fits the model (each
+    layer's K) and names the file and layer when it does not.
+    """
+    plans = plan_espace(model, cfg, projections)
+    chosen = {}
+    for name, plan in plans.items():  # check everything before changing anything
+        if plan.method == AUTO:
+            raise cfg.error(cfg.rule_for(name), "method",
+                            f"'auto' needs a per-layer method choice (from the sensitivity "
+                            f"pass) and {projections.source} has none for '{name}'")
+        vecs, _ = projections.eigen(name, plan.method)
+        if vecs.shape[0] != plan.K:
+            raise ValueError(f"{projections.source}: layer '{name}' has K={vecs.shape[0]}, but "
+                             f"the model's layer has input_size={plan.K}: the projections were "
+                             "made for another model")
+        chosen[name] = projections.projection(name, plan.method, plan.rank)
+    layers = linear_layers(model)
+    for name, proj in chosen.items():
+        module = layers[name]
+        if type(module) in _ESPACE_CLASS:
+            module.__class__ = _ESPACE_CLASS[type(module)]
+            module._init_espace(name)
+        module.espace_name = name
+        module.set_projection(proj)
+    return plans
+
+
+def get_gpt_layer_espace_spec(**kwargs):
+    """megatron's local GPT layer spec with ESPACE linears (for ``--spec`` users).
+
+    Keyword arguments go to ``get_gpt_layer_local_spec``. The layers start with no
+    projection (exactly the dense layers); ``apply_espace`` sets P.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return _swap_linears(copy.deepcopy(get_gpt_layer_local_spec(**kwargs)))
+
+
+def _swap_linears(spec):
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, ModuleSpec):
+        if spec.module in _ESPACE_CLASS:
+            spec.module = _ESPACE_CLASS[spec.module]
+        _swap_linears(spec.submodules)
+    elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for field in dataclasses.fields(spec):
+            value = getattr(spec, field.name)
+            if isinstance(value, type) and value in _ESPACE_CLASS:
+                setattr(spec, field.name, _ESPACE_CLASS[value])
+            else:
+                _swap_linears(value)
+    return spec
