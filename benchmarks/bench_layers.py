@@ -21,6 +21,11 @@ Run it from the repository root:
     .venv/bin/python benchmarks/bench_layers.py --rank 128 --iters 20
 
 This is a measurement, not a test: it asserts nothing about the timings.
+Run it on a quiet machine: on CPU another busy process (a test run, say)
+preempts one of torch's threads, and the ESPACE layer, with seven smaller GEMMs
+to the dense layer's three, loses proportionally more at every thread barrier,
+so its ratio climbs (about 0.48 -> 0.67 on a 2-core box; both times then roughly
+double or triple). ``OMP_NUM_THREADS=1`` pins torch to one thread.
 """
 
 import argparse
@@ -149,7 +154,7 @@ def bench(dense, espace):
 
 
 print(f"device={device.type} dtype={args.dtype} threads={torch.get_num_threads()} "
-      f"torch={torch.__version__}")
+      f"cores={os.cpu_count()} torch={torch.__version__}")
 print(f"K={K} N={N} L={L} M={M} (seq={S} x batch={B})  compression={compression:.2f}  "
       f"warmup={args.warmup} iters={args.iters}")
 print(f"FLOP ratio espace/dense: fwd+bwd={flop_ratio:.3f}  fwd only={flop_ratio_fwd:.3f}")

@@ -78,6 +78,17 @@ class _Collectives(ProjectionComm):
         self.a_forward, self.a_backward = a_forward, a_backward
 
 
+def _load_projection_hook(module, state_dict, prefix, *args):
+    """``load_state_dict``: a state dict without P (a baseline's) keeps the layer's P; a P
+    for a layer that has none yet is taken (its local part, as saved)."""
+    key = prefix + "espace_proj"
+    if key not in state_dict:
+        if module.espace_proj is not None:
+            state_dict[key] = module.espace_proj
+    elif module.espace_proj is None and state_dict[key] is not None:
+        module.espace_proj = torch.empty_like(state_dict[key], device=module.weight.device)
+
+
 class _ESPACEMixin:
     """The projection buffer, its validation, its dtype rule and its checkpoint entry."""
 
@@ -92,6 +103,7 @@ class _ESPACEMixin:
         self.espace_name = name or type(self).__name__
         self.register_buffer("espace_proj", None, persistent=True)
         self._espace_comm = None
+        self._register_load_state_dict_pre_hook(_load_projection_hook, with_module=True)
 
     @property
     def projection_rank(self) -> Optional[int]:
