@@ -61,16 +61,26 @@ def run_distributed(fn, nprocs: int = 2, timeout: float = 240, **kwargs):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        if failed is not None:  # let peers hit their own errors, then blame the first
+            grace = time.monotonic() + 2
+            while time.monotonic() < grace and any(p.poll() is None for p in procs):
+                time.sleep(0.05)
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        if failed is not None or any(p.returncode != 0 for p in procs):
-            rank = failed if failed is not None else 0
-            err = Path(tmp) / f"rank{rank}.err"
-            text = err.read_text() if err.exists() else (Path(tmp) / f"rank{rank}.log").read_text()
-            what = "failed" if failed is not None else f"timed out after {timeout:.0f}s"
-            raise RankFailed(f"rank {rank} of {nprocs} {what} in {fn.__name__}:\n{text[-6000:]}")
+        if failed is not None:
+            errs = sorted(Path(tmp).glob("rank*.err"), key=lambda f: f.stat().st_mtime_ns)
+            if errs:
+                failed = int(errs[0].stem[4:])
+            log = Path(tmp) / f"rank{failed}.err"
+            log = log if log.exists() else Path(tmp) / f"rank{failed}.log"
+            raise RankFailed(f"rank {failed} of {nprocs} failed first in {fn.__name__}:\n"
+                             f"{log.read_text()[-6000:]}")
+        if any(p.returncode != 0 for p in procs):
+            tail = (Path(tmp) / "rank0.log").read_text()[-3000:]
+            raise RankFailed(f"{fn.__name__} on {nprocs} ranks timed out after {timeout:.0f}s; "
+                             f"rank 0 output:\n{tail}")
         return [_load(Path(tmp), r) for r in range(nprocs)]
 
 
