@@ -6,10 +6,11 @@ See README.md. The public names below are those of DESIGN section 5.
 from megatron_espace.config import METHODS, ConfigError, ESPACEConfig
 from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
 from megatron_espace.projection import Projections
-from megatron_espace.surgery import apply_espace, get_gpt_layer_espace_spec, plan_espace
+from megatron_espace.surgery import (apply_espace, count_parameters, get_gpt_layer_espace_spec,
+                                     plan_espace)
 
 __all__ = [
     "METHODS", "ConfigError", "ESPACEConfig", "ESPACEColumnParallelLinear",
-    "ESPACERowParallelLinear", "Projections", "apply_espace", "get_gpt_layer_espace_spec",
-    "plan_espace",
+    "ESPACERowParallelLinear", "Projections", "apply_espace", "count_parameters",
+    "get_gpt_layer_espace_spec", "plan_espace",
 ]

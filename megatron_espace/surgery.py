@@ -197,3 +197,35 @@ def _swap_linears(spec):
             else:
                 _swap_linears(value)
     return spec
+
+
+def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
+    """Inference parameter counts of the whole model (all TP and PP ranks), as the paper counts.
+
+    An ESPACE layer counts ``L·(K+N)`` (``P`` and ``Pᵀ W``) plus its bias in place of ``K·N``.
+    Returns ``{"total", "gemm", "gemm_dense"}``: all parameters, those of the candidate linear
+    layers, and what those linears would hold dense. Collective over the model-parallel group.
+    """
+    from megatron.core import parallel_state
+
+    model = unwrap(model)
+    layers = linear_layers(model)
+    layer_params = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    other = 0
+    for p in model.parameters():
+        if id(p) not in layer_params:
+            other += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+    gemm = gemm_dense = 0
+    for m in layers.values():
+        k, n = m.input_size, m.output_size
+        bias = 0 if m.bias is None else n
+        rank = getattr(m, "projection_rank", None)
+        gemm += (rank * (k + n) if rank else k * n) + bias
+        gemm_dense += k * n + bias
+    counts = torch.tensor([other, gemm, gemm_dense], dtype=torch.long)
+    if torch.distributed.is_initialized():
+        group = parallel_state.get_pipeline_model_parallel_group()
+        torch.distributed.all_reduce(counts, group=group)
+    other, gemm, gemm_dense = counts.tolist()
+    return {"total": other + gemm, "gemm": gemm, "gemm_dense": gemm_dense}

@@ -181,3 +181,33 @@ def test_gpt_with_espace_trains_at_tp2_like_tp1(megatron_tp1):
         assert res["p_unchanged"] and res["p_not_in_optimizer"] and res["w_moved"], res
         assert res["losses"][-1] < res["losses"][0] - 0.3, res["losses"]
         torch.testing.assert_close(res["losses"], tp1["losses"], rtol=2e-5, atol=0)
+
+
+def _count(tp):
+    from megatron_espace import runtime
+
+    runtime.initialize(tensor_model_parallel_size=tp)
+    return _count_in_process(tp)
+
+
+def _count_in_process(tp):
+    model = gpt_model(transformer_config(tp=tp))
+    before = espace.count_parameters(model)
+    espace.apply_espace(model, espace.ESPACEConfig.from_dict(ALL_FOUR), random_projections(model))
+    return {"before": before, "after": espace.count_parameters(model)}
+
+
+def test_count_parameters_by_the_paper_formula(megatron_tp1):
+    res = _count_in_process(1)
+    dense = sum(p.numel() for p in gpt_model(transformer_config()).parameters())
+    assert res["before"]["total"] == dense
+    # per layer, K=64, hidden 64, ffn 128: qkv 64->192 (L=16), proj 64->64 (L=32),
+    # fc1 64->128 (L=16 from compression 0.5), fc2 128->64 (L=64); biases unchanged
+    espace_gemm = 16 * (64 + 192) + 32 * 128 + 16 * (64 + 128) + 64 * (128 + 64)
+    dense_gemm = 64 * 192 + 64 * 64 + 64 * 128 + 128 * 64
+    biases = 192 + 64 + 128 + 64
+    assert res["after"]["gemm"] == 2 * (espace_gemm + biases)
+    assert res["after"]["gemm_dense"] == res["before"]["gemm"] == 2 * (dense_gemm + biases)
+    assert res["after"]["total"] == dense - 2 * (dense_gemm - espace_gemm)
+    for r in run_distributed(_count, nprocs=2, tp=2):
+        assert r == res
