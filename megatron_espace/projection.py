@@ -152,3 +152,10 @@ class Projections:
         except (safetensors.SafetensorError, json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{path}: corrupt projections file: {e}") from None
         return out
+
+
+def energy_kept(vals: torch.Tensor, rank: int) -> float:
+    """Fraction ``Σ_{i<L} |λ_i| / Σ |λ_i|`` of a sorted spectrum kept by the top ``rank``."""
+    mags = vals.abs().to(torch.float64)
+    total = mags.sum().item()
+    return mags[:rank].sum().item() / total if total > 0 else 0.0
