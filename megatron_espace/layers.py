@@ -95,6 +95,13 @@ class _ESPACEMixin:
     #: axis of ``espace_proj`` sharded across TP (None: replicated)
     _proj_tp_axis: Optional[int] = None
 
+    def __init__(self, input_size, output_size, *, config, init_method, name=None, **kwargs):
+        parent = next(c for c in type(self).__mro__
+                      if c in (ColumnParallelLinear, RowParallelLinear))
+        super().__init__(input_size, output_size, config=config, init_method=init_method,
+                         **_known_kwargs(parent, kwargs))
+        self._init_espace(name)
+
     def _init_espace(self, name: Optional[str]):
         # Expert linears with explicit expert communication reduce outside the layer.
         self._espace_unsupported = (
@@ -102,7 +109,6 @@ class _ESPACEMixin:
         )
         self.espace_name = name or type(self).__name__
         self.register_buffer("espace_proj", None, persistent=True)
-        self._espace_comm = None
         self._register_load_state_dict_pre_hook(_load_projection_hook, with_module=True)
 
     @property
@@ -210,6 +216,10 @@ class _ESPACEMixin:
             )
         return sharded
 
+    def _comm(self) -> ProjectionComm:
+        tp, _ = self._tp_size_rank()
+        return _Collectives() if tp == 1 else self._collectives(self.tp_group)
+
     def _accumulate_main_grad(self, weight) -> bool:
         return bool(self.gradient_accumulation_fusion) and weight is self.weight
 
@@ -222,25 +232,13 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
 
     _proj_tp_axis = None
 
-    def __init__(self, input_size, output_size, *, config, init_method, name=None, **kwargs):
-        super().__init__(input_size, output_size, config=config, init_method=init_method,
-                         **_known_kwargs(ColumnParallelLinear, kwargs))
-        self._init_espace(name)
-
-    def _comm(self) -> ProjectionComm:
-        if self._espace_comm is None:
-            group = self.tp_group
-            tp, _ = self._tp_size_rank()
-            if tp == 1:
-                self._espace_comm = _Collectives()
-            elif self.sequence_parallel:
-                self._espace_comm = _Collectives(z_forward=_all_gather_seq(group),
-                                                 z_backward=_reduce_scatter_seq(group))
-            elif self.disable_grad_reduce:
-                self._espace_comm = _Collectives()
-            else:
-                self._espace_comm = _Collectives(z_backward=_all_reduce(group))
-        return self._espace_comm
+    def _collectives(self, group) -> ProjectionComm:
+        if self.sequence_parallel:
+            return _Collectives(z_forward=_all_gather_seq(group),
+                                z_backward=_reduce_scatter_seq(group))
+        if self.disable_grad_reduce:
+            return _Collectives()
+        return _Collectives(z_backward=_all_reduce(group))
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         """``input_ [s(/tp under SP), b, K] -> ([s, b, N/tp] or gathered [s, b, N], bias)``."""
@@ -268,25 +266,12 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
 
     _proj_tp_axis = 0
 
-    def __init__(self, input_size, output_size, *, config, init_method, name=None, **kwargs):
-        super().__init__(input_size, output_size, config=config, init_method=init_method,
-                         **_known_kwargs(RowParallelLinear, kwargs))
-        self._init_espace(name)
-
-    def _comm(self) -> ProjectionComm:
-        if self._espace_comm is None:
-            group = self.tp_group
-            tp, _ = self._tp_size_rank()
-            if tp == 1:
-                self._espace_comm = _Collectives()
-            elif self.sequence_parallel:
-                self._espace_comm = _Collectives(
-                    z_forward=_reduce_scatter_seq(group), z_backward=_all_gather_seq(group),
-                    a_forward=_all_reduce(group), a_backward=_all_reduce(group))
-            else:
-                self._espace_comm = _Collectives(z_forward=_all_reduce(group),
-                                                 a_forward=_all_reduce(group))
-        return self._espace_comm
+    def _collectives(self, group) -> ProjectionComm:
+        if self.sequence_parallel:
+            return _Collectives(z_forward=_reduce_scatter_seq(group),
+                                z_backward=_all_gather_seq(group),
+                                a_forward=_all_reduce(group), a_backward=_all_reduce(group))
+        return _Collectives(z_forward=_all_reduce(group), a_forward=_all_reduce(group))
 
     def forward(self, input_):
         """``input_ [s, b, K/tp] -> ([s(/tp under SP), b, N], bias)``."""

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megatron_espace.config import AUTO, ConfigError, ESPACEConfig
+from megatron_espace.config import AUTO, ESPACEConfig
 from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
 from megatron_espace.projection import Projections, rank_for_compression
 

@@ -63,7 +63,7 @@ def test_baseline_checkpoint_loads_into_espace_model_with_optimizer_state(megatr
     config = transformer_config()
     torch.manual_seed(0)
     baseline = gpt_model(config)
-    _, ddp, opt = train_steps(baseline, config, steps=3)
+    _, ddp, opt = train_steps(baseline, steps=3)
     model_sd = ddp.module.sharded_state_dict()
     checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)},
                        tmp_path / "base")
@@ -72,7 +72,7 @@ def test_baseline_checkpoint_loads_into_espace_model_with_optimizer_state(megatr
 
     esp = espace_model(seed=1)
     projections = {n: m.espace_proj.clone() for n, m in linear_layers(esp).items()}
-    _, ddp2, opt2 = train_steps(esp, config, steps=1)  # an optimizer with its own state
+    _, ddp2, opt2 = train_steps(esp, steps=1)  # an optimizer with its own state
     model_sd = ddp2.module.sharded_state_dict()
     state = checkpointing.load({"model": model_sd,
                                 "optimizer": opt2.sharded_state_dict(model_sd, is_loading=True)},
@@ -109,7 +109,7 @@ def _save_tp2(path):
 
     runtime.initialize(tensor_model_parallel_size=2)
     model = espace_model(tp=2, seed=0, proj_seed=0)
-    train_steps(model, model.config, steps=2)
+    train_steps(model, steps=2)
     checkpointing.save(model.sharded_state_dict(), path)
     return {"loss": eval_loss(model)}
 

@@ -101,7 +101,7 @@ def _data_parallel(dp):
     tokens, pos, labels = token_batch(batch=4)
     n = 4 // dp
     part = slice(rank * n, (rank + 1) * n)
-    losses, _, _ = train_steps(model, cfg, steps=4, batch=(tokens[part], pos[part], labels[part]))
+    losses, _, _ = train_steps(model, steps=4, batch=(tokens[part], pos[part], labels[part]))
     return {"losses": losses, "fc1": model.decoder.layers[1].mlp.linear_fc1.weight}
 
 

@@ -47,7 +47,7 @@ def test_apply_espace_converts_the_four_kinds_in_place(megatron_tp1):
 
 
 def _losses(model, steps=4):
-    return train_steps(model, model.config, steps=steps)[0]
+    return train_steps(model, steps=steps)[0]
 
 
 def test_espace_spec_without_projection_equals_local_spec(megatron_tp1):
@@ -162,7 +162,7 @@ def _train_in_process(tp):
     layers = linear_layers(model)
     proj_before = {n: m.espace_proj.clone() for n, m in layers.items()}
     w_before = {n: m.weight.detach().clone() for n, m in layers.items()}
-    losses, ddp, opt = train_steps(model, cfg, steps=8)
+    losses, ddp, opt = train_steps(model, steps=8)
     optimizer_params = [p for g in opt.param_groups for p in g["params"]]
     projs_ids = {id(m.espace_proj) for m in layers.values()}
     return {
