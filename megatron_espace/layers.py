@@ -125,6 +125,7 @@ class _ESPACEMixin:
         """Install ``proj``: the full ``[input_size, L]`` matrix, identical on every TP rank.
 
         The layer keeps its own part (all of it, or its K-rows when row-parallel).
+        Collective over the TP group (the ranks' P are compared).
         ``None`` or ``L = 0`` removes the projection. Raises ``ValueError`` naming the
         layer for a wrong shape, non-orthonormal columns or TP ranks that disagree.
         """
@@ -149,14 +150,13 @@ class _ESPACEMixin:
                 f"{where}: projection columns are not orthonormal: max |PᵀP - I| = {err:.3e} "
                 f"> {atol:.0e}"
             )
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        full = proj.detach().to(device=self.weight.device, dtype=dtype).contiguous()
+        full = proj.detach().to(device=self.weight.device, dtype=self._proj_dtype()).contiguous()
         tp, rank = self._tp_size_rank()
         if tp > 1:
             reference = full.clone()
             dist.broadcast(reference, src=dist.get_global_rank(self.tp_group, 0),
                            group=self.tp_group)
-            diff = torch.tensor([(reference - full).abs().max().item()])
+            diff = (reference - full).abs().max().reshape(1)
             dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=self.tp_group)
             if diff.item() > 0:
                 raise ValueError(
@@ -167,8 +167,11 @@ class _ESPACEMixin:
             full = full.chunk(tp, dim=self._proj_tp_axis)[rank].contiguous()
         self.espace_proj = full
 
+    def _proj_dtype(self) -> torch.dtype:
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
     def _apply(self, fn, recurse=True):
-        # Keep P float32 through .bfloat16()/.half() (Float16Module); follow device moves.
+        # P follows device moves but not casts (Float16Module's .bfloat16()): see module doc.
         proj = self._buffers.get("espace_proj")
         self._buffers["espace_proj"] = None
         try:
@@ -176,7 +179,7 @@ class _ESPACEMixin:
         finally:
             if proj is not None:
                 target = fn(torch.empty(0, device=proj.device)).device
-                self._buffers["espace_proj"] = proj.to(target)
+                self._buffers["espace_proj"] = proj.to(device=target, dtype=self._proj_dtype())
         return self
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

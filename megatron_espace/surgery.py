@@ -129,7 +129,9 @@ def plan_espace(model: torch.nn.Module, cfg: ESPACEConfig,
 
 
 def _check_every_rule_matched(cfg, hits, layers):
-    counts = torch.tensor(hits, dtype=torch.long)
+    from megatron_espace.runtime import device
+
+    counts = torch.tensor(hits, dtype=torch.long, device=device())
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(counts)  # a pattern may match on another pipeline stage
     for rule, count in zip(cfg.layers, counts.tolist()):
@@ -145,7 +147,9 @@ def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
     """Make the matched linears of ``model`` ESPACE layers with ``P`` from ``projections``.
 
     In place; returns the per-layer plan. Checks that ``projections`` fits the model (each
-    layer's K) and names the file and layer when it does not.
+    layer's K) and names the file and layer when it does not, before changing anything.
+    Collective when distributed: every rank calls it (patterns are checked across pipeline
+    stages, projections across TP ranks).
     """
     plans = plan_espace(model, cfg, projections)
     chosen = {}
@@ -223,7 +227,9 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
         rank = getattr(m, "projection_rank", None)
         gemm += (rank * (k + n) if rank else k * n) + bias
         gemm_dense += k * n + bias
-    counts = torch.tensor([other, gemm, gemm_dense], dtype=torch.long)
+    from megatron_espace.runtime import device
+
+    counts = torch.tensor([other, gemm, gemm_dense], dtype=torch.long, device=device())
     if torch.distributed.is_initialized():
         group = parallel_state.get_pipeline_model_parallel_group()
         torch.distributed.all_reduce(counts, group=group)

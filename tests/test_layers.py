@@ -293,3 +293,11 @@ def _tp2_disagreeing_projection():
 def test_projection_differing_across_tp_ranks_is_refused(megatron_tp1):
     for res in run_distributed(_tp2_disagreeing_projection, nprocs=2):
         assert "differs across tensor-parallel ranks" in res["error"]
+
+
+def test_projection_follows_double_but_not_half(megatron_tp1):
+    case = dict(kind="column", sp=False, bias=True, skip_bias_add=False, K=64, N=32, L=8)
+    layer = _build(case, 1, torch.float32)
+    layer.set_projection(orthonormal(64, 8))
+    assert layer.double().espace_proj.dtype == torch.float64
+    assert layer.half().espace_proj.dtype == torch.float32
