@@ -4,6 +4,8 @@ YAML or dict (DESIGN section 5)::
 
     calibration:
       methods: [mse, nmse, go_mse, go_mse_l2, nl_mse, nl_mse_l2]
+      dtype: auto                   # accumulators: float64 for K <= 8192, else float32
+      max_skipped_fraction: 0.05    # batches with NaN/Inf a layer may skip before failing
     layers:                         # first match wins; glob over module names
       - match: "decoder.layers.*.mlp.linear_fc1"
         rank: 256                   # or  compression: 0.5
@@ -46,6 +48,8 @@ class LayerRule:
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
     methods: tuple = METHODS
+    dtype: str = "auto"  # accumulator dtype: auto (float64 for K <= 8192) | float64 | float32
+    max_skipped_fraction: float = 0.05  # batches with non-finite values a layer may skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,7 @@ class ESPACEConfig:
         calib = data.get("calibration") or {}
         if not isinstance(calib, dict):
             fail("calibration", "must be a mapping")
-        _no_unknown(calib, {"methods"}, "calibration.", fail)
+        _no_unknown(calib, {"methods", "dtype", "max_skipped_fraction"}, "calibration.", fail)
         methods = calib.get("methods", list(METHODS))
         if not isinstance(methods, list) or not methods:
             fail("calibration.methods", f"must be a non-empty list drawn from {list(METHODS)}")
@@ -88,6 +92,12 @@ class ESPACEConfig:
                 fail(f"calibration.methods[{i}]", f"unknown method {m!r}; choose from {list(METHODS)}")
         if len(set(methods)) != len(methods):
             fail("calibration.methods", "lists a method twice")
+        dtype = calib.get("dtype", "auto")
+        if dtype not in ("auto", "float64", "float32"):
+            fail("calibration.dtype", f"must be auto, float64 or float32, got {dtype!r}")
+        skip = calib.get("max_skipped_fraction", 0.05)
+        if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0 <= skip <= 1:
+            fail("calibration.max_skipped_fraction", f"must be a number in [0, 1], got {skip!r}")
 
         layers = data.get("layers")
         if not isinstance(layers, list) or not layers:
@@ -117,7 +127,7 @@ class ESPACEConfig:
             if method != AUTO and method not in methods:
                 fail(f"{field}.method", f"{method!r} is not in calibration.methods {methods}")
             rules.append(LayerRule(match, rank, None if comp is None else float(comp), method, i))
-        return cls(rules, CalibrationConfig(tuple(methods)), source)
+        return cls(rules, CalibrationConfig(tuple(methods), dtype, float(skip)), source)
 
     def rule_for(self, name: str) -> Optional[LayerRule]:
         """The first rule whose glob matches ``name``, or None."""

@@ -1,19 +1,67 @@
-"""Streaming accumulators for the calibration statistics (paper Section 3). Pure torch.
+"""Streaming accumulators for the six calibration statistics (paper Section 3). Pure torch.
 
-So far the input second moment behind ``mse`` (``E[x xᵀ]``) and ``nmse`` (the same
-with every token vector scaled to unit L2 norm). Sums are kept in float64 with an
-explicit token count, never in the activation dtype; no activation is kept.
+Shapes follow megatron: activations and their gradients are ``[s, b, K]`` (``s`` tokens of
+each of ``b`` sequences); a weight is ``[N, K]``. With ``C_X = E[x xᵀ]`` and
+``C_W = W Wᵀ / N`` in the paper's K×N notation (``Wᵀ W / N`` in megatron's storage):
+
+=============  ============================================================  ==========
+method         K×K matrix whose top eigenvectors form P                      reference
+=============  ============================================================  ==========
+``mse``        ``C_X``                                                       Thm 1, Eq. 4
+``nmse``       ``C_X`` of unit-norm tokens                                   Cor. 2
+``go_mse``     ``C_X C_W + C_W C_X``                                         Thm 4, Eq. 10
+``go_mse_l2``  the same with unit-norm tokens and unit-norm weight columns   Sec. 3
+``nl_mse``     mean over sequences of ``(X Xᵀ G Gᵀ + G Gᵀ X Xᵀ) / M²``       App. A.4
+``nl_mse_l2``  the same with unit-norm token and gradient vectors            Sec. 3
+=============  ============================================================  ==========
+
+Sums are kept in float64 (or float32 for very wide layers) with an explicit count; no
+activation is kept between updates; a batch with a non-finite value is skipped and counted.
 """
+
+from typing import Dict, Tuple
 
 import torch
 
+#: which accumulated moments each method needs
+NEEDS = {
+    "mse": ("x",), "nmse": ("xn",),
+    "go_mse": ("x", "w"), "go_mse_l2": ("xn", "wn"),
+    "nl_mse": ("nl",), "nl_mse_l2": ("nln",),
+}
+#: methods whose matrix is indefinite: eigenvectors are ranked by |eigenvalue|
+INDEFINITE = frozenset({"go_mse", "go_mse_l2", "nl_mse", "nl_mse_l2"})
 
-class SecondMoment:
-    """``C = (1/M) Σ x xᵀ`` over all tokens seen (K×K), optionally of unit-norm tokens."""
 
-    def __init__(self, k: int, normalize: bool = False, dtype=torch.float64):
-        self.sum = torch.zeros(k, k, dtype=dtype)
+def accumulator_dtype(k: int, choice: str = "auto") -> torch.dtype:
+    """float64 for K ≤ 8192 under ``auto``, else float32; or the explicit choice."""
+    if choice == "auto":
+        return torch.float64 if k <= 8192 else torch.float32
+    return {"float64": torch.float64, "float32": torch.float32}[choice]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+class Moment:
+    """A running sum of K×K terms and how many terms (tokens or sequences) it holds."""
+
+    def __init__(self, k: int, dtype=torch.float64, device=None):
+        self.sum = torch.zeros(k, k, dtype=dtype, device=device)
         self.count = 0
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no samples were accumulated")
+        return self.sum / self.count
+
+
+class SecondMoment(Moment):
+    """``C_X = (1/M) Σ x xᵀ`` over all tokens seen, optionally of unit-norm tokens."""
+
+    def __init__(self, k: int, normalize: bool = False, dtype=torch.float64, device=None):
+        super().__init__(k, dtype, device)
         self.normalize = normalize
 
     @torch.no_grad()
@@ -21,11 +69,60 @@ class SecondMoment:
         """Add the tokens of ``x [..., K]``."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)
         if self.normalize:
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            x = _unit(x)
         self.sum.addmm_(x.t(), x)
         self.count += x.shape[0]
 
-    def mean(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError("no tokens were accumulated")
-        return self.sum / self.count
+
+class GradientCrossMoment(Moment):
+    """Σ over sequences of ``(X Xᵀ G Gᵀ + G Gᵀ X Xᵀ) / M²`` (App. A.4), counted in sequences.
+
+    ``X``, ``G`` (K×M) are one sequence's activations and loss gradients.
+    """
+
+    def __init__(self, k: int, normalize: bool = False, dtype=torch.float64, device=None):
+        super().__init__(k, dtype, device)
+        self.normalize = normalize
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add the ``b`` sequences of ``x, g [s, b, K]``."""
+        dt, dev = self.sum.dtype, self.sum.device
+        xs = x.detach().to(device=dev, dtype=dt).transpose(0, 1)  # [b, M, K]
+        gs = g.detach().to(device=dev, dtype=dt).transpose(0, 1)
+        if self.normalize:
+            xs, gs = _unit(xs), _unit(gs)
+        b, m, k = xs.shape
+        if m <= k:  # X (Xᵀ G) Gᵀ through the M×M cross-gram: 2M²K + 2MK² per sequence
+            u = (xs.transpose(1, 2) @ (xs @ gs.transpose(1, 2))) @ gs
+        else:  # (X Xᵀ)(G Gᵀ): 4MK² + 2K³ per sequence
+            u = (xs.transpose(1, 2) @ xs) @ (gs.transpose(1, 2) @ gs)
+        u = u.sum(0)
+        self.sum.add_((u + u.t()) / (m * m))
+        self.count += b
+
+
+def weight_moment(weight: torch.Tensor, normalize: bool = False, dtype=torch.float64):
+    """``C_W = W Wᵀ / N`` (paper notation) from megatron's ``weight [N, K]``: K×K."""
+    w = weight.detach().to(dtype)
+    if normalize:
+        w = _unit(w)
+    return w.t() @ w / w.shape[0]
+
+
+def method_matrix(method: str, moments: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, bool]:
+    """The K×K matrix of ``method`` from averaged moments; and whether to rank by |λ|.
+
+    ``moments`` maps ``x, xn, nl, nln`` to their means and ``w, wn`` to weight moments.
+    """
+    if method in ("mse", "nmse"):
+        c = moments["x" if method == "mse" else "xn"]
+    elif method in ("go_mse", "go_mse_l2"):
+        cx, cw = (moments["x"], moments["w"]) if method == "go_mse" else (moments["xn"],
+                                                                          moments["wn"])
+        c = cx @ cw + cw @ cx
+    elif method in ("nl_mse", "nl_mse_l2"):
+        c = moments["nl" if method == "nl_mse" else "nln"]
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return c, method in INDEFINITE
