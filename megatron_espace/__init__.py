@@ -8,6 +8,7 @@ import warnings
 # megatron-core announces its pure-torch fallbacks on every import; on CPU they are expected.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
 
+from megatron_espace.calibrate import CalibrationStatistics, calibrate
 from megatron_espace.config import METHODS, ConfigError, ESPACEConfig
 from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
 from megatron_espace.projection import Projections
@@ -15,7 +16,7 @@ from megatron_espace.surgery import (apply_espace, count_parameters, get_gpt_lay
                                      plan_espace)
 
 __all__ = [
-    "METHODS", "ConfigError", "ESPACEConfig", "ESPACEColumnParallelLinear",
+    "CalibrationStatistics", "calibrate", "METHODS", "ConfigError", "ESPACEConfig", "ESPACEColumnParallelLinear",
     "ESPACERowParallelLinear", "Projections", "apply_espace", "count_parameters",
     "get_gpt_layer_espace_spec", "plan_espace",
 ]

@@ -8,7 +8,8 @@ What megatron-core does on CPU without these (DESIGN section 6):
 
 * ``torch.cuda.current_device()`` / ``device="cuda"`` / ``.cuda()`` in tensor
   factories, the GlobalMemoryBuffer, pipeline schedules and the optimizer;
-* ``torch.cuda.synchronize()`` and the CUDA RNG state (RNG tracker, recompute);
+* ``torch.cuda.synchronize()`` and the CUDA RNG state (RNG tracker, activation
+  recomputation);
 * ``p.type() == 'torch.cuda.FloatTensor'`` checks in grad clipping and the optimizer.
 
 A :class:`torch.overrides.TorchFunctionMode` rewrites CUDA devices to CPU and
@@ -152,6 +153,29 @@ def _patch_torch_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = __new__
 
 
+def _patch_rng_state() -> None:
+    """megatron's "CUDA" RNG state (saved and restored around activation recomputation) is
+    the CPU generator's state here, the one the CPU tracker forks."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._espace_orig_rng = (mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # The recomputed forward runs inside autograd's backward, where no TorchFunctionMode
+    # is active: re-enter ours there so its "cuda" tensors land on the CPU too.
+    for fn in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+        fn._espace_orig_backward = fn.backward
+        fn.backward = staticmethod(_with_mode(fn.backward))
+
+
+def _with_mode(backward):
+    def wrapped(ctx, *args):
+        with _CudaToCpuMode():
+            return backward(ctx, *args)
+
+    return wrapped
+
+
 def install() -> None:
     """Activate the shims for this process (idempotent). Refuses when CUDA is present."""
     global _installed
@@ -163,6 +187,7 @@ def install() -> None:
         setattr(torch.cuda, f"_espace_orig_{name}", getattr(torch.cuda, name))
         setattr(torch.cuda, name, fn)
     _patch_torch_norm()
+    _patch_rng_state()
     _installed = _CudaToCpuMode()
     _installed.__enter__()
 
@@ -179,6 +204,11 @@ def uninstall() -> None:
     from megatron.core.transformer import torch_norm
 
     torch_norm.WrappedTorchNorm.__new__ = torch_norm.WrappedTorchNorm._espace_orig_new
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = mrandom._espace_orig_rng
+    for fn in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+        fn.backward = staticmethod(fn._espace_orig_backward)
 
 
 def installed() -> bool:

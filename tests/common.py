@@ -1,5 +1,7 @@
 """Shared builders for the tests: tiny megatron configs, GPT models, random orthonormal P."""
 
+import zlib
+
 import torch
 
 
@@ -51,8 +53,6 @@ def random_projections(model, methods=("mse",), seed: int = 0):
 
     Deterministic in (layer name, method, seed), so every rank builds the same file.
     """
-    import zlib
-
     from megatron_espace.projection import Projections, sorted_eigh
     from megatron_espace.surgery import linear_layers
 
@@ -77,3 +77,52 @@ def train_steps(model, steps: int = 8, lr: float = 3e-3, batch=None):
     ddp, opt = trainer(model, lr)
     losses = train(ddp, opt, [batch or token_batch()] * steps, steps, desc="test")
     return losses, ddp, opt
+
+
+def global_param_names(model):
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    prefix = {n: f"decoder.layers.{m.layer_number - 1}" for n, m in model.named_modules()
+              if isinstance(m, TransformerLayer)}
+    out = {}
+    for name, p in model.named_parameters():
+        head = next((k for k in prefix if name.startswith(k + ".")), None)
+        out[prefix[head] + name[len(head):] if head else name] = p
+    return out
+
+
+def reinit_by_global_name(model):
+    """Weights that depend only on the global parameter name, so any PP split holds the same."""
+    with torch.no_grad():
+        for name, p in global_param_names(model).items():
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def pipeline_forward_backward(model, microbatches, forward_only=False):
+    """One megatron schedule pass over ``microbatches`` of (tokens, positions, labels).
+
+    The loss of each micro-batch is its plain token mean (the schedule's division by the
+    number of micro-batches is undone), so gradients do not depend on how micro-batches are
+    spread over data-parallel ranks. Returns the per-micro-batch losses (last stage).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    count = len(microbatches)
+
+    def forward_step(data_iterator, model):
+        t, p, lab = next(data_iterator)
+        out = model(t, p, None, labels=lab)
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss * count, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    tokens = microbatches[0][0]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=count, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+        forward_only=forward_only)
+    return [d["loss"].item() for d in losses]

@@ -1,12 +1,11 @@
 """ESPACE models agree across layouts: PP=2 and DP=2 against one process (DESIGN section 2)."""
 
-import zlib
-
 import torch
 
 import megatron_espace as espace
-from tests.common import gpt_model, random_projections, token_batch, train_steps, \
-    transformer_config
+from tests.common import (global_param_names, gpt_model, pipeline_forward_backward,
+                          random_projections, reinit_by_global_name, token_batch, train_steps,
+                          transformer_config)
 from tests.harness import run_distributed
 
 # layer 1 only: at PP=2 this pattern matches nothing on stage 0, everything on stage 1
@@ -16,57 +15,22 @@ ESPACE = {"layers": [
 ]}
 
 
-def _global_param_names(model):
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    prefix = {n: f"decoder.layers.{m.layer_number - 1}" for n, m in model.named_modules()
-              if isinstance(m, TransformerLayer)}
-    out = {}
-    for name, p in model.named_parameters():
-        head = next((k for k in prefix if name.startswith(k + ".")), None)
-        out[prefix[head] + name[len(head):] if head else name] = p
-    return out
-
-
-def _reinit_by_global_name(model):
-    """Weights that depend only on the global parameter name, so any PP split holds the same."""
-    with torch.no_grad():
-        for name, p in _global_param_names(model).items():
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 def _pipeline_step(pp):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_espace import runtime
 
     runtime.initialize(pipeline_model_parallel_size=pp)
     cfg = transformer_config(pp=pp)
     model = gpt_model(cfg, share_embeddings_and_output_weights=False)
-    _reinit_by_global_name(model)
+    reinit_by_global_name(model)
     plans = espace.apply_espace(model, espace.ESPACEConfig.from_dict(ESPACE),
                                 random_projections(model))
     tokens, pos, labels = token_batch(batch=4)
     micro = [(tokens[i:i + 2], pos[i:i + 2], labels[i:i + 2]) for i in (0, 2)]
-
-    def forward_step(data_iterator, model):
-        t, p, lab = next(data_iterator)
-        out = model(t, p, None, labels=lab)
-
-        def loss_func(output):
-            loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
-
-        return out, loss_func
-
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-        num_microbatches=2, seq_length=32, micro_batch_size=2, forward_only=False)
+    losses = pipeline_forward_backward(model, micro)
     out = {"layers": sorted(plans)}
     if losses:
-        out["loss"] = torch.stack([d["loss"] for d in losses]).mean().item()
-    for name, p in _global_param_names(model).items():
+        out["loss"] = sum(losses) / len(losses)
+    for name, p in global_param_names(model).items():
         out[f"grad:{name}"] = p.grad
     return out
 
