@@ -8,7 +8,7 @@ import warnings
 # megatron-core announces its pure-torch fallbacks on every import; on CPU they are expected.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
 
-from megatron_espace.calibrate import CalibrationStatistics, calibrate
+from megatron_espace.calibration import CalibrationStatistics, calibrate
 from megatron_espace.config import METHODS, ConfigError, ESPACEConfig
 from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
 from megatron_espace.projection import Projections

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import megatron_espace as espace
-from megatron_espace.calibrate import CalibrationStatistics, calibrate
+from megatron_espace.calibration import CalibrationStatistics, calibrate
 from megatron_espace.config import METHODS
 from tests.common import orthonormal, transformer_config
 
