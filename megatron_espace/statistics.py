@@ -15,8 +15,10 @@ method         K×K matrix whose top eigenvectors form P                      re
 ``nl_mse_l2``  the same with unit-norm token and gradient vectors            Sec. 3
 =============  ============================================================  ==========
 
-Sums are kept in float64 (or float32 for very wide layers) with an explicit count; no
-activation is kept between updates; a batch with a non-finite value is skipped and counted.
+Each batch's product is computed in float32 (float64 for float64 activations; never in
+bf16), and added to a running sum kept in float64 (or float32 for very wide layers) with an
+explicit count; no activation is kept between updates. On CPU ``Xᵀ X`` goes through numpy,
+whose matmul uses the symmetric rank-k BLAS update (half the flops of a general GEMM).
 """
 
 from typing import Dict, Tuple
@@ -38,6 +40,18 @@ def accumulator_dtype(k: int, choice: str = "auto") -> torch.dtype:
     if choice == "auto":
         return torch.float64 if k <= 8192 else torch.float32
     return {"float64": torch.float64, "float32": torch.float32}[choice]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀ x`` for ``x [M, K]``: K×K, in ``x``'s dtype."""
+    if x.device.type == "cpu":
+        a = x.contiguous().numpy()
+        return torch.from_numpy(a.T @ a)  # numpy recognises aᵀa: BLAS syrk
+    return x.t() @ x
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -67,10 +81,10 @@ class SecondMoment(Moment):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add the tokens of ``x [..., K]``."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, _compute_dtype(x))
         if self.normalize:
             x = _unit(x)
-        self.sum.addmm_(x.t(), x)
+        self.sum += gram(x)
         self.count += x.shape[0]
 
 
@@ -87,7 +101,7 @@ class GradientCrossMoment(Moment):
     @torch.no_grad()
     def update(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """Add the ``b`` sequences of ``x, g [s, b, K]``."""
-        dt, dev = self.sum.dtype, self.sum.device
+        dt, dev = _compute_dtype(x), self.sum.device
         xs = x.detach().to(device=dev, dtype=dt).transpose(0, 1)  # [b, M, K]
         gs = g.detach().to(device=dev, dtype=dt).transpose(0, 1)
         if self.normalize:
