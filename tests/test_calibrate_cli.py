@@ -1,0 +1,109 @@
+"""The calibration command under torchrun semantics: real data files, a real checkpoint,
+the projections file, summary and plot; TP=2 equals TP=1; an interrupted run resumes."""
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import megatron_espace as espace
+from tests.harness import run_distributed
+
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--seq-length", "32", "--make-vocab-size-divisible-by", "256", "--micro-batch-size",
+         "2", "--hidden-dropout", "0", "--attention-dropout", "0"]
+CONFIG = """calibration:
+  methods: [mse, go_mse, nl_mse]
+layers:
+  - match: "decoder.layers.*"
+    compression: 0.5
+    method: mse
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Stdlib text preprocessed into an indexed dataset, and a baseline checkpoint."""
+    from megatron_espace.preprocess_data import preprocess
+    from megatron_espace.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("calib")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    preprocess([str(stdlib / "json"), str(stdlib / "argparse.py")], str(root / "text"),
+               build_tokenizer("ByteLevel"), append_eod=True, file_glob="*.py")
+    (root / "espace.yaml").write_text(CONFIG)
+    run_distributed(_save_baseline, nprocs=1, path=str(root / "baseline"))
+    return root
+
+
+def _save_baseline(path):
+    from megatron_espace import arguments, checkpointing, runtime
+    from megatron_espace.calibrate import parse_args
+
+    args = parse_args(MODEL + ["--data-path", "x", "--load", "x", "--espace-config", "x",
+                               "--out", "x"])
+    runtime.initialize()
+    torch.manual_seed(3)
+    model = arguments.build_model(args, vocab_size=257)
+    checkpointing.save({"model": model.sharded_state_dict()}, path)
+
+
+def _calibrate(argv):
+    import importlib
+
+    command = importlib.import_module("megatron_espace.calibrate")
+    rc = command.main(argv)
+    assert espace.calibrate is command and callable(espace.calibrate)  # still the API
+    return {"rc": rc}
+
+
+def _argv(root, out, tp=1, samples=16, extra=()):
+    return MODEL + ["--data-path", str(root / "text_text_document"), "--split", "98,1,1",
+                    "--load", str(root / "baseline"), "--espace-config",
+                    str(root / "espace.yaml"), "--calib-samples", str(samples),
+                    "--tensor-model-parallel-size", str(tp), "--save-interval", "8",
+                    "--data-cache-path", str(root / "cache"), "--out", str(out), *extra]
+
+
+def _projectors(path, rank=8):
+    projs = espace.Projections.load(path)
+    return {(layer, m): projs.projection(layer, m, rank) @ projs.projection(layer, m, rank).t()
+            for layer in projs.layers() for m in projs.methods(layer)}
+
+
+def test_calibrate_command_tp1_tp2_and_resume(workdir):
+    one = workdir / "tp1.safetensors"
+    run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, one))
+    assert one.with_suffix(".png").stat().st_size > 10_000
+    projs = espace.Projections.load(one)
+    assert len(projs.layers()) == 8 and projs.methods(projs.layers()[0]) == [
+        "go_mse", "mse", "nl_mse"]
+    assert projs.info["layers"]["decoder.layers.0.mlp.linear_fc2"]["tokens"] == 16 * 32
+
+    two = workdir / "tp2.safetensors"
+    run_distributed(_calibrate, nprocs=2, argv=_argv(workdir, two, tp=2))
+    dp2 = workdir / "dp2.safetensors"
+    run_distributed(_calibrate, nprocs=2, argv=_argv(workdir, dp2))
+    ref = _projectors(one)
+    for other in (two, dp2):
+        for key, value in _projectors(other).items():
+            torch.testing.assert_close(value, ref[key], atol=1e-3, rtol=0, msg=str(key))
+
+    # "interrupted" after 8 samples: the statistics directory holds them; the rerun resumes
+    part = workdir / "resumed.safetensors"
+    run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, part, samples=8))
+    os.remove(part)
+    run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, part, samples=16))
+    for key, value in _projectors(part).items():
+        torch.testing.assert_close(value, ref[key], atol=1e-6, rtol=0, msg=str(key))
+
+
+def test_bad_config_fails_before_any_work(workdir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers:\n  - match: '*'\n    rank: 8\n    method: pca\n")
+    argv = _argv(workdir, tmp_path / "p.safetensors")
+    argv[argv.index("--espace-config") + 1] = str(bad)
+    with pytest.raises(Exception, match=r"bad.yaml: layers\[0\].method: unknown method 'pca'"):
+        run_distributed(_calibrate, nprocs=1, argv=argv)
