@@ -3,8 +3,11 @@
     espace check-config CONFIG.yaml        validate an ESPACE config and print its rules
     espace inspect PROJECTIONS.safetensors list layers, methods, K and the energy kept
     espace demo [--output-dir DIR]         the end-to-end CPU demo (what `make demo` runs)
+    espace preprocess ...                  = python -m megatron_espace.preprocess_data
+    espace calibrate ...                   = python -m megatron_espace.calibrate (torchrun)
 
-Jobs that run under torchrun are modules: ``python -m megatron_espace.<tool>``.
+Jobs that run under torchrun are modules: ``python -m megatron_espace.<tool>``; the
+subcommands above run the same module in this process.
 """
 
 import argparse
@@ -44,6 +47,14 @@ def inspect(args) -> int:
     return 0
 
 
+#: subcommands that run a tool module as __main__: name -> (module, help)
+MODULES = {
+    "demo": ("megatron_espace.demo", "the end-to-end CPU demo"),
+    "preprocess": ("megatron_espace.preprocess_data", "text/jsonl -> Megatron indexed dataset"),
+    "calibrate": ("megatron_espace.calibrate", "calibration statistics -> projections file"),
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="espace", description="ESPACE for Megatron models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,14 +65,18 @@ def main(argv=None) -> int:
     p.add_argument("projections")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 256])
     p.set_defaults(func=inspect)
-    p = sub.add_parser("demo", help="the end-to-end CPU demo", add_help=False)
-    p.set_defaults(func=None)
+    for name, help_ in MODULES.items():
+        sub.add_parser(name, help=help_[1], add_help=False)
 
     args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
-        from megatron_espace import demo
+    if args.command in MODULES:
+        import runpy
 
-        demo.main(rest)
+        sys.argv = [f"espace {args.command}", *rest]
+        try:
+            runpy.run_module(MODULES[args.command][0], run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            return e.code or 0
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

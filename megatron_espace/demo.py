@@ -9,10 +9,9 @@ Five stages, each a fresh process group (the TP=2 ones under torchrun, 2 process
    optimizer state.
 2. continue  (TP=2) the fair reference: the baseline trained as many more iterations as
    the ESPACE model will be retrained, same data and learning rate.
-3. calibrate (TP=1) load that TP=2 checkpoint at TP=1, accumulate each GEMM's input
-   second moment ``E[x xᵀ]`` over calibration batches, eigendecompose, save the
-   projections file. (A single-process stand-in until distributed calibration of all
-   six statistics lands.)
+3. calibrate (TP=2) ``espace.calibrate`` on the baseline: the statistics the config
+   asks for (``mse``: each GEMM input's second moment ``E[x xᵀ]``), eigendecomposed in
+   float64 into the projections file.
 4. retrain   (TP=2) build the model, ``apply_espace`` with ``examples/espace-demo.yaml``
    (all four GEMM kinds at 50% compression), load the *baseline* checkpoint, weights
    and Adam state, measure out-of-the-box validation loss, retrain, save.
@@ -160,33 +159,28 @@ def stage_pretrain(args, out: Path):
 
 
 def stage_calibrate(args, out: Path):
+    import megatron_espace as espace
     from megatron_espace import checkpointing
-    from megatron_espace.projection import Projections, sorted_eigh
-    from megatron_espace.statistics import SecondMoment
-    from megatron_espace.surgery import linear_layers
 
     train_tokens, _ = splits(args)
-    model = build(args, tp=1)
+    cfg = espace.ESPACEConfig.from_yaml(args.espace_config)
+    model = build(args, tp=2)
     model.load_state_dict(checkpointing.load({"model": model.sharded_state_dict()},
                                              out / "baseline")["model"])
-    stats, hooks = {}, []
-    for name, layer in linear_layers(model).items():
-        stats[name] = SecondMoment(layer.input_size)
-        hooks.append(layer.register_forward_pre_hook(
-            lambda mod, inp, acc=stats[name]: acc.update(inp[0])))
     model.eval()
-    with torch.no_grad():
-        for t, p, _ in batches(train_tokens, args.calib_iters, args.micro_batch_size,
-                               args.seq_length, seed=2):
-            model(t, p, None)
-    for h in hooks:
-        h.remove()
-    projs = Projections()
-    for name, acc in stats.items():
-        projs.add(name, "mse", *sorted_eigh(acc.mean()))
-    projs.info = {"data": "python stdlib sources (train split)", "tokens": acc.count}
-    projs.save(out / "projections.safetensors")
-    return {"layers": len(stats), "tokens": acc.count}
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for t, p, _ in batches(train_tokens, args.calib_iters, args.micro_batch_size,
+                                   args.seq_length, seed=2):
+                m(t, p, None)
+
+    stats = espace.calibrate(model, forward_loop, cfg, data="python stdlib sources (train)")
+    projections = stats.projections()  # collective; bit-identical on every rank
+    if torch.distributed.get_rank() == 0:
+        projections.save(out / "projections.safetensors")
+    return {"layers": len(stats.layers),
+            "tokens": max(s.tokens for s in stats.layers.values())}
 
 
 def stage_retrain(args, out: Path, with_espace: bool = True):
@@ -233,7 +227,7 @@ def stage_verify(args, out: Path):
 
 
 STAGES = {"pretrain": (2, stage_pretrain), "continue": (2, stage_continue),
-          "calibrate": (1, stage_calibrate), "retrain": (2, stage_retrain),
+          "calibrate": (2, stage_calibrate), "retrain": (2, stage_retrain),
           "verify": (1, stage_verify)}
 
 

@@ -163,6 +163,12 @@ def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
             raise ValueError(f"{projections.source}: layer '{name}' has K={vecs.shape[0]}, but "
                              f"the model's layer has input_size={plan.K}: the projections were "
                              "made for another model")
+        recorded = projections.info.get("layers", {}).get(name, {})
+        if recorded.get("N", plan.N) != plan.N or recorded.get("kind", plan.kind) != plan.kind:
+            raise ValueError(f"{projections.source}: layer '{name}' was calibrated as a "
+                             f"{recorded.get('kind')}-parallel layer with N={recorded.get('N')}, "
+                             f"the model's is {plan.kind}-parallel with N={plan.N}: the "
+                             "projections were made for another model")
         chosen[name] = projections.projection(name, plan.method, plan.rank)
     layers = linear_layers(model)
     for name, proj in chosen.items():

@@ -104,6 +104,20 @@ def test_projections_for_another_model_are_refused(megatron_tp1, tmp_path):
     assert not any(type(m).__name__.startswith("ESPACE") for m in linear_layers(model).values())
 
 
+def test_projections_with_other_output_sizes_are_refused(megatron_tp1, tmp_path):
+    model = gpt_model(transformer_config())
+    projs = random_projections(model)
+    projs.info["layers"] = {"decoder.layers.0.mlp.linear_fc1": {"kind": "column", "K": 64,
+                                                                "N": 256}}
+    projs.save(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match=r"p\.safetensors: layer 'decoder.layers.0.mlp.linear"
+                                         r"_fc1' was calibrated as a column-parallel layer "
+                                         r"with N=256, the model's is column-parallel with "
+                                         r"N=128"):
+        espace.apply_espace(model, espace.ESPACEConfig.from_dict(ALL_FOUR),
+                            espace.Projections.load(tmp_path / "p.safetensors"))
+
+
 def test_auto_method_uses_the_recorded_choice(megatron_tp1):
     model = gpt_model(transformer_config())
     projs = random_projections(model, methods=("mse", "nmse"))
