@@ -117,24 +117,25 @@ class CalibrationStatistics:
             stages.setdefault(p, []).append(r)
             items[p] = its
             info.update(inf)
-        out = Projections()
+        plan = []  # (name, method, K, kept columns, owner), in one global order
         for p in sorted(items):
             owners = sorted(stages[p])
-            for i, (name, method, k) in enumerate(items[p]):
-                owner = owners[i % len(owners)]
-                keep = k if max_rank is None else min(k, max_rank)
-                if rank == owner:
-                    c, by_magnitude = self.matrix(name, method)
-                    vecs, vals = sorted_eigh(c, by_magnitude)
-                    vecs = vecs[:, :keep].contiguous()
-                else:
-                    vecs = torch.empty(k, keep, dtype=torch.float64)
-                    vals = torch.empty(k, dtype=torch.float64)
-                if world > 1:
-                    vecs, vals = vecs.to(device()), vals.to(device())
-                    dist.broadcast(vecs, src=owner)
-                    dist.broadcast(vals, src=owner)
-                out.add(name, method, vecs.cpu(), vals.cpu())
+            plan += [(n, m, k, k if max_rank is None else min(k, max_rank),
+                      owners[i % len(owners)]) for i, (n, m, k) in enumerate(items[p])]
+        results = {}
+        for name, method, k, keep, owner in plan:  # first every rank decomposes its share...
+            if rank == owner:
+                vecs, vals = sorted_eigh(*self.matrix(name, method))
+                results[name, method] = vecs[:, :keep].contiguous(), vals
+        out = Projections()
+        for name, method, k, keep, owner in plan:  # ...then the results are broadcast
+            vecs, vals = results.get((name, method)) or (
+                torch.empty(k, keep, dtype=torch.float64), torch.empty(k, dtype=torch.float64))
+            if world > 1:
+                vecs, vals = vecs.to(device()), vals.to(device())
+                dist.broadcast(vecs, src=owner)
+                dist.broadcast(vals, src=owner)
+            out.add(name, method, vecs.cpu(), vals.cpu())
         out.info = {"layers": info, "data": self.data,
                     "tensor_model_parallel_size": _tp_size(),
                     "pipeline_model_parallel_size": _pp_size()}
@@ -239,24 +240,18 @@ class _Tap:
         x = args[0]
         if self.forward_keys and torch._C._current_graph_task_id() == -1:  # not a recompute
             xs = self.share(self.full(x.detach()))
-            if self._finite(xs):
-                for key in self.forward_keys:
-                    self.stats.moments[key].update(xs)
+            self._count([self.stats.moments[k].update(xs) for k in self.forward_keys])
         if self.gradient_keys and x.requires_grad:
             x.register_hook(lambda g, x=x.detach(): self._on_grad(x, g))
 
     def _on_grad(self, x, g):
         xs, gs = self.share(self.full(x)), self.share(self.full(g.detach()))
-        if self._finite(xs, gs):
-            for key in self.gradient_keys:
-                self.stats.moments[key].update(xs, gs)
+        self._count([self.stats.moments[k].update(xs, gs) for k in self.gradient_keys])
 
-    def _finite(self, *tensors) -> bool:
+    def _count(self, accepted) -> None:
+        """One batch seen; skipped if any of its statistics met a NaN/Inf."""
         self.stats.updates += 1
-        if all(bool(torch.isfinite(t).all()) for t in tensors):
-            return True
-        self.stats.skipped += 1
-        return False
+        self.stats.skipped += not all(accepted)
 
 
 def calibrate(model: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None],

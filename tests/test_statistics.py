@@ -44,3 +44,11 @@ def test_rank_for_compression_is_the_largest_power_of_two_meeting_the_target():
     for k, n, c in [(64, 128, 0.5), (100, 300, 0.3), (4096, 4096, 0.75)]:
         r = rank_for_compression(k, n, c)
         assert layer_compression(k, n, r) >= c > layer_compression(k, n, 2 * r)
+
+
+def test_blocked_gram_equals_the_product():
+    from megatron_espace.statistics import gram
+
+    for k in (100, 1024, 1030):
+        x = torch.randn(64, k, dtype=torch.float64)
+        torch.testing.assert_close(gram(x), x.t() @ x, rtol=1e-12, atol=1e-12)
