@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.espace-installed
 OUT    ?= demo-output
 
-.PHONY: env test demo bench clean
+.PHONY: env test demo bench bench-calibration clean
 
 env: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
+
+bench-calibration: $(STAMP)
+	$(PY) benchmarks/bench_calibration.py
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -213,4 +213,6 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_espace.runtime import run_main
+
+    sys.exit(run_main(main))

@@ -92,3 +92,25 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def run_main(main, *args, **kwargs) -> int:
+    """Run a command's ``main``; if it raises, print the error with this rank and exit at once.
+
+    ``os._exit`` skips interpreter shutdown (which could wait on a collective), so peers
+    blocked on this rank see their connections close and fail too, instead of hanging until
+    the process-group timeout; torchrun then tears the job down.
+    """
+    import sys
+    import traceback
+
+    try:
+        return main(*args, **kwargs)
+    except SystemExit:
+        raise
+    except BaseException:
+        rank = os.environ.get("RANK", "0")
+        sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
