@@ -179,3 +179,31 @@ def test_interrupted_and_resumed_equals_uninterrupted(megatron_tp1, tmp_path):
                                    whole.matrix("block.linear_fc2", method)[0],
                                    rtol=1e-12, atol=1e-15)
     assert resumed.layers["block.linear_fc2"].tokens == whole.layers["block.linear_fc2"].tokens
+
+
+def test_calibrates_an_espace_model_too(megatron_tp1):
+    """Hooks see ESPACE layers like the baseline's: the first GEMM's input is unchanged by
+    ESPACE, a later one's is not."""
+    from tests.common import gpt_model, random_projections, token_batch
+
+    cfg = espace.ESPACEConfig.from_dict(
+        {"calibration": {"methods": ["mse"]},
+         "layers": [{"match": "decoder.layers.*", "rank": 16, "method": "mse"}]})
+    results = []
+    for with_espace in (False, True):
+        torch.manual_seed(0)
+        model = gpt_model(transformer_config())
+        if with_espace:
+            espace.apply_espace(model, cfg, random_projections(model))
+
+        def loop(m):
+            with torch.no_grad():
+                t, p, _ = token_batch()
+                m(t, p, None)
+
+        results.append(calibrate(model, loop, cfg))
+    first, later = "decoder.layers.0.self_attention.linear_qkv", "decoder.layers.1.mlp.linear_fc1"
+    torch.testing.assert_close(results[0].matrix(first, "mse")[0],
+                               results[1].matrix(first, "mse")[0])
+    assert not torch.allclose(results[0].matrix(later, "mse")[0],
+                              results[1].matrix(later, "mse")[0])
