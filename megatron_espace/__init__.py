@@ -12,11 +12,12 @@ from megatron_espace.calibration import CalibrationStatistics, calibrate
 from megatron_espace.config import METHODS, ConfigError, ESPACEConfig
 from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
 from megatron_espace.projection import Projections
-from megatron_espace.surgery import (apply_espace, count_parameters, get_gpt_layer_espace_spec,
-                                     plan_espace)
+from megatron_espace.surgery import (apply_espace, count_parameters, export_compressed,
+                                     get_gpt_layer_espace_spec, plan_espace)
 
 __all__ = [
     "CalibrationStatistics", "calibrate", "METHODS", "ConfigError", "ESPACEConfig", "ESPACEColumnParallelLinear",
     "ESPACERowParallelLinear", "Projections", "apply_espace", "count_parameters",
+    "export_compressed",
     "get_gpt_layer_espace_spec", "plan_espace",
 ]

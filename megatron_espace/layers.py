@@ -168,7 +168,8 @@ class _ESPACEMixin:
         self.espace_proj = full
 
     def _proj_dtype(self) -> torch.dtype:
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        weight = self.weight if self.weight is not None else self.espace_weight
+        return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
     def _apply(self, fn, recurse=True):
         # P follows device moves but not casts (Float16Module's .bfloat16()): see module doc.
@@ -182,11 +183,15 @@ class _ESPACEMixin:
                 self._buffers["espace_proj"] = proj.to(device=target, dtype=self._proj_dtype())
         return self
 
+    def _per_layer_tensors(self) -> dict:
+        """Tensors saved under per-layer keys: name -> TP-sharded axis (None: replicated)."""
+        return {"espace_proj": self._proj_tp_axis}
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """The parent's entries plus ``P`` under a per-layer key.
+        """The parent's entries plus ``P`` (and ``A`` once compressed) under per-layer keys.
 
         Layers are stacked under one key in torch_dist checkpoints, but ``L`` may differ per
-        layer, so ``P`` is saved without the layer offset, as
+        layer, so these are saved without the layer offset, as
         ``{prefix}espace_proj.L{global_layer}`` (PP-invariant, and W's keys stay baseline's).
         """
         from megatron.core.utils import (
@@ -194,16 +199,15 @@ class _ESPACEMixin:
             make_tp_sharded_tensor_for_checkpoint,
         )
 
-        proj = self._buffers.pop("espace_proj", None)
+        axes = self._per_layer_tensors()
+        held = {n: d.pop(n) for d in (self._buffers, self._parameters) for n in list(d)
+                if n in axes}
         try:
             sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         finally:
-            self._buffers["espace_proj"] = proj
-        if proj is None:
-            return sharded
-        key = f"{prefix}espace_proj"
-        if sharded_offsets:
-            key += f".L{sharded_offsets[0][1]}"
+            for name, tensor in held.items():
+                (self._parameters if isinstance(tensor, torch.nn.Parameter)
+                 else self._buffers)[name] = tensor
         groups = dict(tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
         if groups["dp_cp_group"] is None:
             from megatron.core import parallel_state
@@ -211,20 +215,34 @@ class _ESPACEMixin:
             groups["dp_cp_group"] = parallel_state.get_data_parallel_group(
                 with_context_parallel=True
             )
-        if self._proj_tp_axis is None:
-            sharded[f"{prefix}espace_proj"] = make_sharded_tensor_for_checkpoint(proj, key, **groups)
-        else:
-            sharded[f"{prefix}espace_proj"] = make_tp_sharded_tensor_for_checkpoint(
-                proj, key, tp_axis=self._proj_tp_axis, **groups
-            )
+        layer = f".L{sharded_offsets[0][1]}" if sharded_offsets else ""
+        for name, tensor in held.items():
+            if tensor is None:
+                continue
+            key = f"{prefix}{name}{layer}"
+            if axes[name] is None:
+                sharded[f"{prefix}{name}"] = make_sharded_tensor_for_checkpoint(
+                    tensor, key, **groups)
+            else:
+                sharded[f"{prefix}{name}"] = make_tp_sharded_tensor_for_checkpoint(
+                    tensor, key, tp_axis=axes[name], **groups)
         return sharded
 
     def _comm(self) -> ProjectionComm:
         tp, _ = self._tp_size_rank()
         return _Collectives() if tp == 1 else self._collectives(self.tp_group)
 
-    def _accumulate_main_grad(self, weight) -> bool:
-        return bool(self.gradient_accumulation_fusion) and weight is self.weight
+    #: whether the GEMM weight is already ``A = W P`` (the compressed form)
+    _precomputed = False
+
+    def _gemm_weight(self, weight=None):
+        return self.weight if weight is None else weight
+
+    def _gemm(self, x, weight=None):
+        weight = self._gemm_weight(weight)
+        accumulate = bool(self.gradient_accumulation_fusion) and weight is self._gemm_weight()
+        return projected_linear(x, weight, self.espace_proj, self._comm(), accumulate,
+                                precomputed=self._precomputed)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, espace_rank={self.projection_rank})"
@@ -247,15 +265,13 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
         """``input_ [s(/tp under SP), b, K] -> ([s, b, N/tp] or gathered [s, b, N], bias)``."""
         if self.espace_proj is None:
             return super().forward(input_, weight, runtime_gather_output)
-        if weight is None:
-            weight = self.weight
-        elif weight.shape != (self.output_size_per_partition, self.input_size):
+        if weight is not None and weight.shape != (self.output_size_per_partition,
+                                                   self.input_size):
             raise RuntimeError(
                 f"supplied weight's shape is {tuple(weight.shape)}, "
                 f"not {(self.output_size_per_partition, self.input_size)} as expected"
             )
-        output = projected_linear(input_, weight, self.espace_proj, self._comm(),
-                                  self._accumulate_main_grad(weight))
+        output = self._gemm(input_, weight)
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -284,8 +300,59 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        output = projected_linear(input_parallel, self.weight, self.espace_proj, self._comm(),
-                                  self._accumulate_main_grad(self.weight))
+        output = self._gemm(input_parallel)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None
+
+
+class _CompressedMixin:
+    """The inference form (paper Eq. 3): ``Ŷ = Bᵀ (Pᵀ X)`` with ``A = Bᵀ = W P`` precomputed.
+
+    Holds ``P`` (``espace_proj``, as before) and the parameter ``espace_weight`` = A; the
+    dense ``weight`` is gone. Column-parallel: A is ``[N/tp, L]``, sharded along N like W.
+    Row-parallel: A is the full ``[N, L]`` (``Σ_r W_r P_r``, replicated), P's rows stay
+    sharded and ``Z`` is all-reduced (reduce-scattered under sequence parallelism), after
+    which each rank already holds its output.
+    """
+
+    _a_tp_axis: Optional[int] = None
+
+    def _per_layer_tensors(self) -> dict:
+        return {"espace_proj": self._proj_tp_axis, "espace_weight": self._a_tp_axis}
+
+    @torch.no_grad()
+    def _compress(self) -> None:
+        """Replace ``weight`` by ``A = W P`` (all-reduced over TP for row-parallel layers)."""
+        w = self.weight
+        a = torch.matmul(w.to(self.espace_proj.dtype), self.espace_proj)
+        if self._a_tp_axis is None:
+            tp, _ = self._tp_size_rank()
+            if tp > 1:
+                dist.all_reduce(a, group=self.tp_group)
+        param = torch.nn.Parameter(a.to(w.dtype), requires_grad=w.requires_grad)
+        param.tensor_model_parallel = self._a_tp_axis is not None
+        param.partition_dim = 0 if self._a_tp_axis is not None else -1
+        param.partition_stride = 1
+        param.allreduce = getattr(w, "allreduce", True)
+        self.register_parameter("weight", None)
+        self.espace_weight = param
+
+    _precomputed = True
+
+    def _gemm_weight(self, weight=None):
+        if weight is not None:
+            raise RuntimeError(f"{self.espace_name}: a compressed layer takes no weight argument")
+        return self.espace_weight
+
+
+class CompressedColumnParallelLinear(_CompressedMixin, ESPACEColumnParallelLinear):
+    """Compressed inference form of :class:`ESPACEColumnParallelLinear`."""
+
+    _a_tp_axis = 0
+
+
+class CompressedRowParallelLinear(_CompressedMixin, ESPACERowParallelLinear):
+    """Compressed inference form of :class:`ESPACERowParallelLinear`."""
+
+    _a_tp_axis = None

@@ -36,12 +36,13 @@ IDENTITY = ProjectionComm()
 
 class _ProjectedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, proj, comm, accumulate_main_grad):
+    def forward(ctx, x, weight, proj, comm, accumulate_main_grad, precomputed):
         p = proj.to(x.dtype)
         z = comm.z_forward(torch.matmul(x, p))
-        a = comm.a_forward(torch.matmul(weight, p))
+        a = weight if precomputed else comm.a_forward(torch.matmul(weight, p))
         ctx.save_for_backward(z, a, p)
         ctx.comm = comm
+        ctx.precomputed = precomputed
         ctx.weight = weight if accumulate_main_grad else None
         return torch.matmul(z, a.t())
 
@@ -52,7 +53,7 @@ class _ProjectedLinear(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[1]:
             da = comm.a_backward(dy.reshape(-1, dy.shape[-1]).t() @ z.reshape(-1, z.shape[-1]))
-            dw = da @ p.t()
+            dw = da if ctx.precomputed else da @ p.t()
             weight = ctx.weight
             if weight is not None and hasattr(weight, "main_grad"):
                 # megatron gradient_accumulation_fusion: add into the fp32 main grad.
@@ -64,7 +65,7 @@ class _ProjectedLinear(torch.autograd.Function):
                     dw = None
         if ctx.needs_input_grad[0]:
             dx = torch.matmul(comm.z_backward(torch.matmul(dy, a)), p.t())
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def projected_linear(
@@ -73,11 +74,14 @@ def projected_linear(
     proj: torch.Tensor,
     comm: ProjectionComm = IDENTITY,
     accumulate_main_grad: bool = False,
+    precomputed: bool = False,
 ) -> torch.Tensor:
     """``x [..., K_local] -> [..., N_local]``: ``(x P)(W P)ᵀ`` with the collectives of ``comm``.
 
-    ``proj`` is cast to ``x.dtype`` for the GEMMs. With ``accumulate_main_grad``
+    With ``precomputed`` ``weight`` is already ``A = W P`` ``[N, L]`` (the compressed
+    inference layer, paper Eq. 3: ``Ŷ = Bᵀ (Pᵀ X)`` with ``B = Aᵀ``) and its gradient is
+    ``dA``. ``proj`` is cast to ``x.dtype`` for the GEMMs. With ``accumulate_main_grad``
     the weight gradient is added to ``weight.main_grad`` (megatron's
     gradient-accumulation fusion) instead of being returned.
     """
-    return _ProjectedLinear.apply(x, weight, proj, comm, accumulate_main_grad)
+    return _ProjectedLinear.apply(x, weight, proj, comm, accumulate_main_grad, precomputed)

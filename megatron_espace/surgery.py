@@ -20,7 +20,12 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron_espace.config import AUTO, ESPACEConfig
-from megatron_espace.layers import ESPACEColumnParallelLinear, ESPACERowParallelLinear
+from megatron_espace.layers import (
+    CompressedColumnParallelLinear,
+    CompressedRowParallelLinear,
+    ESPACEColumnParallelLinear,
+    ESPACERowParallelLinear,
+)
 from megatron_espace.projection import Projections, rank_for_compression
 
 _ESPACE_CLASS = {ColumnParallelLinear: ESPACEColumnParallelLinear,
@@ -179,6 +184,28 @@ def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
         module.espace_name = name
         module.set_projection(proj)
     return plans
+
+
+_COMPRESSED_CLASS = {ESPACEColumnParallelLinear: CompressedColumnParallelLinear,
+                     ESPACERowParallelLinear: CompressedRowParallelLinear}
+
+
+def export_compressed(model: torch.nn.Module) -> Dict[str, int]:
+    """Turn every ESPACE layer with a projection into its compressed inference form, in place.
+
+    Each holds ``A = W P`` (``B = Pᵀ W`` in the paper's notation) and ``P``; the dense ``W``
+    is freed. Our ``merge_and_unload``. Collective over TP (row-parallel ``A`` is reduced).
+    Returns ``{layer name: L}``.
+    """
+    done = {}
+    for name, module in linear_layers(model).items():
+        cls = _COMPRESSED_CLASS.get(type(module))
+        if cls is None or module.projection_rank is None:
+            continue
+        module.__class__ = cls
+        module._compress()
+        done[name] = module.projection_rank
+    return done
 
 
 def get_gpt_layer_espace_spec(**kwargs):
