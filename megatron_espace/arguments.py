@@ -51,11 +51,16 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("data and tokenizer (Megatron-LM flags)")
+    g = parser.add_argument_group("data (Megatron-LM flags)")
     g.add_argument("--data-path", nargs="+", required=True,
                    help="PREFIX [PREFIX ...] or a blend: W1 PREFIX1 W2 PREFIX2 ...")
     g.add_argument("--split", default="949,50,1")
     g.add_argument("--data-cache-path", default=None)
+    add_tokenizer_args(parser)
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("tokenizer (Megatron-LM flags)")
     g.add_argument("--tokenizer-type", default="ByteLevel",
                    choices=["ByteLevel", "GPT2BPETokenizer"])
     g.add_argument("--vocab-file", default=None)

@@ -5,6 +5,7 @@
     espace demo [--output-dir DIR]         the end-to-end CPU demo (what `make demo` runs)
     espace preprocess ...                  = python -m megatron_espace.preprocess_data
     espace calibrate ...                   = python -m megatron_espace.calibrate (torchrun)
+    espace convert ...                     = python -m megatron_espace.convert (torchrun)
 
 Jobs that run under torchrun are modules: ``python -m megatron_espace.<tool>``; the
 subcommands above run the same module in this process.
@@ -52,6 +53,7 @@ MODULES = {
     "demo": ("megatron_espace.demo", "the end-to-end CPU demo"),
     "preprocess": ("megatron_espace.preprocess_data", "text/jsonl -> Megatron indexed dataset"),
     "calibrate": ("megatron_espace.calibrate", "calibration statistics -> projections file"),
+    "convert": ("megatron_espace.convert", "ESPACE checkpoint -> compressed checkpoint"),
 }
 
 
