@@ -107,7 +107,6 @@ def main():
             print(f"{name:<5} {k:>6} {n:>6} {rank:>5} {m:>5} {t_dense * 1e3:>9.2f} "
                   f"{t_comp * 1e3:>10.2f} {t_comp / t_dense:>6.2f} "
                   f"{rank * (k + n) / (k * n):>10.3f}")
-        del dense, comp
 
     prefill = model_prefill(dtype, device, args.iters)
     print(f"\nsmall GPT prefill (4 layers, hidden 512, seq 512, batch 4), all GEMMs at 50%: "
