@@ -24,6 +24,10 @@ import yaml
 
 #: the six statistics of the paper (Section 3), in its order
 METHODS = ("mse", "nmse", "go_mse", "go_mse_l2", "nl_mse", "nl_mse_l2")
+#: weight-side baselines, usable wherever a method is: ``weight_svd`` projects onto W's top
+#: right singular vectors, i.e. the truncated SVD of W at the same parameter count
+BASELINES = ("weight_svd",)
+KNOWN_METHODS = METHODS + BASELINES
 AUTO = "auto"
 
 
@@ -86,10 +90,12 @@ class ESPACEConfig:
         _no_unknown(calib, {"methods", "dtype", "max_skipped_fraction"}, "calibration.", fail)
         methods = calib.get("methods", list(METHODS))
         if not isinstance(methods, list) or not methods:
-            fail("calibration.methods", f"must be a non-empty list drawn from {list(METHODS)}")
+            fail("calibration.methods",
+                 f"must be a non-empty list drawn from {list(KNOWN_METHODS)}")
         for i, m in enumerate(methods):
-            if m not in METHODS:
-                fail(f"calibration.methods[{i}]", f"unknown method {m!r}; choose from {list(METHODS)}")
+            if m not in KNOWN_METHODS:
+                fail(f"calibration.methods[{i}]",
+                     f"unknown method {m!r}; choose from {list(KNOWN_METHODS)}")
         if len(set(methods)) != len(methods):
             fail("calibration.methods", "lists a method twice")
         dtype = calib.get("dtype", "auto")
@@ -121,9 +127,9 @@ class ESPACEConfig:
                                      or not 0 < comp < 1):
                 fail(f"{field}.compression", f"must be a number in (0, 1), got {comp!r}")
             method = entry.get("method", AUTO)
-            if method != AUTO and method not in METHODS:
+            if method != AUTO and method not in KNOWN_METHODS:
                 fail(f"{field}.method",
-                     f"unknown method {method!r}; choose from {list(METHODS) + [AUTO]}")
+                     f"unknown method {method!r}; choose from {list(KNOWN_METHODS) + [AUTO]}")
             if method != AUTO and method not in methods:
                 fail(f"{field}.method", f"{method!r} is not in calibration.methods {methods}")
             rules.append(LayerRule(match, rank, None if comp is None else float(comp), method, i))

@@ -13,6 +13,8 @@ method         K×K matrix whose top eigenvectors form P                      re
 ``go_mse_l2``  the same with unit-norm tokens and unit-norm weight columns   Sec. 3
 ``nl_mse``     mean over sequences of ``(X Xᵀ G Gᵀ + G Gᵀ X Xᵀ) / M²``       App. A.4
 ``nl_mse_l2``  the same with unit-norm token and gradient vectors            Sec. 3
+``weight_svd`` ``C_W``: W's top right singular vectors (``W P Pᵀ`` is W's     baseline
+               truncated SVD), the weight-side approach, for comparison
 =============  ============================================================  ==========
 
 Each batch's product is computed in float32 (float64 for float64 activations; never in
@@ -29,6 +31,7 @@ NEEDS = {
     "mse": ("x",), "nmse": ("xn",),
     "go_mse": ("x", "w"), "go_mse_l2": ("xn", "wn"),
     "nl_mse": ("nl",), "nl_mse_l2": ("nln",),
+    "weight_svd": ("w",),
 }
 #: methods whose matrix is indefinite: eigenvectors are ranked by |eigenvalue|
 INDEFINITE = frozenset({"go_mse", "go_mse_l2", "nl_mse", "nl_mse_l2"})
@@ -157,6 +160,8 @@ def method_matrix(method: str, moments: Dict[str, torch.Tensor]) -> Tuple[torch.
         c = cx @ cw + cw @ cx
     elif method in ("nl_mse", "nl_mse_l2"):
         c = moments["nl" if method == "nl_mse" else "nln"]
+    elif method == "weight_svd":
+        c = moments["w"]
     else:
         raise ValueError(f"unknown method {method!r}")
     return c, method in INDEFINITE

@@ -240,31 +240,61 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     """Inference parameter counts of the whole model (all TP and PP ranks), as the paper counts.
 
     An ESPACE layer counts ``L·(K+N)`` (``P`` and ``Pᵀ W``) plus its bias in place of ``K·N``.
-    Returns ``{"total", "gemm", "gemm_dense"}``: all parameters, those of the candidate linear
-    layers, and what those linears would hold dense. Collective over the model-parallel group.
+    Returns ``{"total", "gemm", "gemm_dense", "embedding", "output_layer", "other"}``: the
+    candidate linear layers as they are and as they would be dense, the embeddings, an untied
+    output layer, and the rest (norms). Collective over the pipeline-parallel group.
     """
     from megatron.core import parallel_state
+
+    from megatron_espace.runtime import device
 
     model = unwrap(model)
     layers = linear_layers(model)
     layer_params = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    other = 0
-    for p in model.parameters():
-        if id(p) not in layer_params:
-            other += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-    gemm = gemm_dense = 0
-    for m in layers.values():
-        k, n = m.input_size, m.output_size
-        bias = 0 if m.bias is None else n
-        rank = getattr(m, "projection_rank", None)
-        gemm += (rank * (k + n) if rank else k * n) + bias
-        gemm_dense += k * n + bias
-    from megatron_espace.runtime import device
-
-    counts = torch.tensor([other, gemm, gemm_dense], dtype=torch.long, device=device())
+    parts = {"embedding": 0, "output_layer": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if id(p) in layer_params:
+            continue
+        part = ("embedding" if name.startswith("embedding.") else
+                "output_layer" if name.startswith("output_layer.") else "other")
+        parts[part] += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+    rows = layer_table(model, gather=False)
+    parts["gemm"] = sum(r["params"] for r in rows)
+    parts["gemm_dense"] = sum(r["dense"] for r in rows)
+    keys = sorted(parts)
+    counts = torch.tensor([parts[k] for k in keys], dtype=torch.long, device=device())
     if torch.distributed.is_initialized():
         group = parallel_state.get_pipeline_model_parallel_group()
         torch.distributed.all_reduce(counts, group=group)
-    other, gemm, gemm_dense = counts.tolist()
-    return {"total": other + gemm, "gemm": gemm, "gemm_dense": gemm_dense}
+    out = dict(zip(keys, counts.tolist()))
+    out["total"] = sum(out[k] for k in ("embedding", "output_layer", "other", "gemm"))
+    return out
+
+
+def layer_table(model: torch.nn.Module, gather: bool = True) -> list:
+    """Per candidate linear: kind, K, N, rank (None: dense), dense and actual parameters.
+
+    ``gather`` collects every pipeline stage's rows on every rank (collective).
+    """
+    rows = []
+    for name, m in linear_layers(model).items():
+        k, n = m.input_size, m.output_size
+        bias = 0 if m.bias is None else n
+        rank = getattr(m, "projection_rank", None)
+        rows.append({"layer": name, "kind": _kind(m), "K": k, "N": n, "rank": rank,
+                     "dense": k * n + bias,
+                     "params": (rank * (k + n) if rank else k * n) + bias})
+    if gather and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+        gathered = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(gathered, rows, group=group)
+        rows = [r for part in gathered for r in part]
+    return sorted(rows, key=lambda r: _layer_order(r["layer"]))
+
+
+def _layer_order(name: str):
+    parts = name.split(".")
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]

@@ -207,3 +207,26 @@ def test_calibrates_an_espace_model_too(megatron_tp1):
                                results[1].matrix(first, "mse")[0])
     assert not torch.allclose(results[0].matrix(later, "mse")[0],
                               results[1].matrix(later, "mse")[0])
+
+
+def test_weight_svd_is_the_truncated_svd_of_w(megatron_tp1):
+    """At rank L, W P Pᵀ is W's best rank-L approximation; at full rank, W itself; and the
+    layer's parameter count is ESPACE's L(K+N)."""
+    from megatron_espace.projection import layer_compression
+
+    cfg = {"calibration": {"methods": ["weight_svd", "mse"]},
+           "layers": [{"match": "block.*", "rank": L, "method": "weight_svd"}]}
+    model, stats, xs, _ = _run("column", cfg)
+    projs = stats.projections()
+    w = model.layer.weight.detach()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    for rank in (L, K):
+        p = projs.projection("block.linear_fc1", "weight_svd", rank)
+        best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+        torch.testing.assert_close(w @ p @ p.t(), best, rtol=1e-9, atol=1e-9)
+    p = projs.projection("block.linear_fc1", "weight_svd", K)
+    torch.testing.assert_close(w @ p @ p.t(), w, rtol=1e-9, atol=1e-9)
+    # as an ESPACE layer it holds what the SVD factors hold: L(K+N) = U_L S_L (N×L) + V_L (K×L)
+    espace.apply_espace(model, espace.ESPACEConfig.from_dict(cfg), projs)
+    assert espace.count_parameters(model)["gemm"] == L * (K + N)
+    assert layer_compression(K, N, L) == pytest.approx(1 - L * (K + N) / (K * N))

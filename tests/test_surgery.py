@@ -225,3 +225,20 @@ def test_count_parameters_by_the_paper_formula(megatron_tp1):
     assert res["after"]["total"] == dense - 2 * (dense_gemm - espace_gemm)
     for r in run_distributed(_count, nprocs=2, tp=2):
         assert r == res
+
+
+def test_parameter_parts_and_layer_table(megatron_tp1):
+    from megatron_espace.surgery import layer_table
+
+    model = gpt_model(transformer_config())
+    espace.apply_espace(model, espace.ESPACEConfig.from_dict(ALL_FOUR), random_projections(model))
+    counts = espace.count_parameters(model)
+    assert counts["embedding"] == 128 * 64 + 32 * 64  # word + position embeddings
+    assert counts["output_layer"] == 128 * 64  # untied (GPTModel's default)
+    assert counts["other"] == 2 * 4 * 64 + 2 * 64  # two norms per layer + the final norm
+    rows = layer_table(model)
+    assert [r["layer"] for r in rows][:2] == ["decoder.layers.0.self_attention.linear_qkv",
+                                              "decoder.layers.0.self_attention.linear_proj"]
+    qkv = rows[0]
+    assert (qkv["K"], qkv["N"], qkv["rank"]) == (64, 192, 16)
+    assert qkv["params"] == 16 * (64 + 192) + 192 and qkv["dense"] == 64 * 192 + 192
