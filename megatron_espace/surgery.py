@@ -295,6 +295,12 @@ def layer_table(model: torch.nn.Module, gather: bool = True) -> list:
     return sorted(rows, key=lambda r: _layer_order(r["layer"]))
 
 
+_GEMM_ORDER = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
 def _layer_order(name: str):
+    """Forward order: by layer number, then qkv, proj, fc1, fc2."""
     parts = name.split(".")
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
+    number = next((int(p) for p in parts if p.isdigit()), -1)
+    last = parts[-1]
+    return (number, _GEMM_ORDER.index(last) if last in _GEMM_ORDER else len(_GEMM_ORDER), name)
