@@ -175,15 +175,27 @@ def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
                              f"the model's is {plan.kind}-parallel with N={plan.N}: the "
                              "projections were made for another model")
         chosen[name] = projections.projection(name, plan.method, plan.rank)
-    layers = linear_layers(model)
+    layers = as_espace_layers(model, list(chosen))
     for name, proj in chosen.items():
-        module = layers[name]
+        layers[name].set_projection(proj)
+    return plans
+
+
+def as_espace_layers(model: torch.nn.Module, names) -> Dict[str, torch.nn.Module]:
+    """Make the named linears ESPACE layers without a projection (exactly the dense layers
+    until ``set_projection``); returns those this rank holds, by name."""
+    layers = linear_layers(model)
+    out = {}
+    for name in names:
+        module = layers.get(name)
+        if module is None:
+            continue  # on another pipeline stage
         if type(module) in _ESPACE_CLASS:
             module.__class__ = _ESPACE_CLASS[type(module)]
             module._init_espace(name)
         module.espace_name = name
-        module.set_projection(proj)
-    return plans
+        out[name] = module
+    return out
 
 
 _COMPRESSED_CLASS = {ESPACEColumnParallelLinear: CompressedColumnParallelLinear,
