@@ -6,6 +6,7 @@
     espace preprocess ...                  = python -m megatron_espace.preprocess_data
     espace calibrate ...                   = python -m megatron_espace.calibrate (torchrun)
     espace convert ...                     = python -m megatron_espace.convert (torchrun)
+    espace sensitivity ...                 = python -m megatron_espace.sensitivity (torchrun)
 
 Jobs that run under torchrun are modules: ``python -m megatron_espace.<tool>``; the
 subcommands above run the same module in this process.
@@ -54,6 +55,7 @@ MODULES = {
     "preprocess": ("megatron_espace.preprocess_data", "text/jsonl -> Megatron indexed dataset"),
     "calibrate": ("megatron_espace.calibrate", "calibration statistics -> projections file"),
     "convert": ("megatron_espace.convert", "ESPACE checkpoint -> compressed checkpoint"),
+    "sensitivity": ("megatron_espace.sensitivity", "per-layer sensitivity -> ESPACE config"),
 }
 
 

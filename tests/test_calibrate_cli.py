@@ -107,3 +107,43 @@ def test_bad_config_fails_before_any_work(workdir, tmp_path):
     argv[argv.index("--espace-config") + 1] = str(bad)
     with pytest.raises(Exception, match=r"bad.yaml: layers\[0\].method: unknown method 'pca'"):
         run_distributed(_calibrate, nprocs=1, argv=argv)
+
+
+def _sensitivity(argv):
+    from megatron_espace import sensitivity
+
+    return {"rc": sensitivity.main(argv)}
+
+
+def _sens_argv(root, projections, out, tp=1, extra=()):
+    return MODEL + ["--data-path", str(root / "text_text_document"), "--split", "90,10,0",
+                    "--load", str(root / "baseline"), "--espace-config",
+                    str(root / "espace.yaml"), "--espace-projections", str(projections),
+                    "--eval-iters", "2", "--tensor-model-parallel-size", str(tp),
+                    "--data-cache-path", str(root / "cache"), "--out-config", str(out), *extra]
+
+
+def test_sensitivity_command_at_tp2(workdir):
+    import yaml
+
+    projections = workdir / "sens.safetensors"
+    run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, projections, samples=8))
+    out = workdir / "chosen.yaml"
+    run_distributed(_sensitivity, nprocs=2, argv=_sens_argv(
+        workdir, projections, out, tp=2, extra=["--target-compression", "0.3"]))
+    chosen = espace.ESPACEConfig.from_yaml(out)  # the trainer's input, as written
+    assert 1 <= len(chosen.layers) <= 8
+    assert {r.method for r in chosen.layers} <= {"mse", "go_mse", "nl_mse"}
+    assert "Chosen by --target-compression 0.3" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    cache = yaml.safe_load(Path(f"{out}.json").read_text())  # JSON is YAML
+    assert len(cache["single"]) == 8 and len(cache["progressive"]) == 9
+
+    with pytest.raises(Exception, match=r"target compression 99.0% is unreachable"):
+        run_distributed(_sensitivity, nprocs=1, argv=_sens_argv(
+            workdir, projections, out, extra=["--target-compression", "0.99"]))
+    empty = _sens_argv(workdir, projections, workdir / "x.yaml",
+                       extra=["--inflection"])
+    empty[empty.index("--split") + 1] = "100,0,0"
+    with pytest.raises(Exception, match=r"the validation split holds 0 samples"):
+        run_distributed(_sensitivity, nprocs=1, argv=empty)
