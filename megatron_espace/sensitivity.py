@@ -21,6 +21,7 @@ Every measurement is cached in ``--cache`` (JSON) as soon as it is made; a rerun
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -225,6 +226,11 @@ def report(results: dict, ranking: List[dict], count: int, rule: str) -> str:
         lines.append(f"| {n} | {p['layer'] or '(baseline)'} | {p['method'] or ''} | "
                      f"{p['gemm_compression']:.1%} | {p['model_size']:.1%} | "
                      f"{p['ppl']:.3f}{mark} |")
+    if "weight_svd" in methods and len(methods) > 1:
+        wins = sum(min(v for m, v in results["single"][r["layer"]].items() if m != "weight_svd")
+                   < results["single"][r["layer"]].get("weight_svd", math.inf) for r in ranking)
+        lines.append(f"\nESPACE (best activation-side method) beats the weight-side truncated SVD "
+                     f"at the same rank on {wins} of {len(ranking)} layers.")
     p = results["progressive"][count]
     lines.append(f"\nChosen by {rule}: {count} layers, GEMM compression "
                  f"{p['gemm_compression']:.1%}, model size {p['model_size']:.1%}, perplexity "
@@ -323,6 +329,11 @@ def main(argv=None) -> int:
     micro = micro[:args.eval_iters]
 
     plans = espace.plan_espace(model, cfg, projections)
+    from megatron_espace.surgery import check_fits
+
+    for name, plan in plans.items():
+        for method in projections.methods(name):
+            check_fits(projections, name, dataclasses.replace(plan, method=method))
     local = {n: (rank_for_compression(p.K, p.N, args.layer_compression)
                  if args.layer_compression else p.rank) for n, p in plans.items()}
     gathered = [None] * dist.get_world_size()

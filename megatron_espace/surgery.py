@@ -163,22 +163,27 @@ def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
             raise cfg.error(cfg.rule_for(name), "method",
                             f"'auto' needs a per-layer method choice (from the sensitivity "
                             f"pass) and {projections.source} has none for '{name}'")
-        vecs, _ = projections.eigen(name, plan.method)
-        if vecs.shape[0] != plan.K:
-            raise ValueError(f"{projections.source}: layer '{name}' has K={vecs.shape[0]}, but "
-                             f"the model's layer has input_size={plan.K}: the projections were "
-                             "made for another model")
-        recorded = projections.info.get("layers", {}).get(name, {})
-        if recorded.get("N", plan.N) != plan.N or recorded.get("kind", plan.kind) != plan.kind:
-            raise ValueError(f"{projections.source}: layer '{name}' was calibrated as a "
-                             f"{recorded.get('kind')}-parallel layer with N={recorded.get('N')}, "
-                             f"the model's is {plan.kind}-parallel with N={plan.N}: the "
-                             "projections were made for another model")
+        check_fits(projections, name, plan)
         chosen[name] = projections.projection(name, plan.method, plan.rank)
     layers = as_espace_layers(model, list(chosen))
     for name, proj in chosen.items():
         layers[name].set_projection(proj)
     return plans
+
+
+def check_fits(projections: Projections, name: str, plan: LayerPlan) -> None:
+    """Refuse, naming the file and layer, projections made for another model's layer."""
+    vecs, _ = projections.eigen(name, plan.method)
+    if vecs.shape[0] != plan.K:
+        raise ValueError(f"{projections.source}: layer '{name}' has K={vecs.shape[0]}, but "
+                         f"the model's layer has input_size={plan.K}: the projections were "
+                         "made for another model")
+    recorded = projections.info.get("layers", {}).get(name, {})
+    if recorded.get("N", plan.N) != plan.N or recorded.get("kind", plan.kind) != plan.kind:
+        raise ValueError(f"{projections.source}: layer '{name}' was calibrated as a "
+                         f"{recorded.get('kind')}-parallel layer with N={recorded.get('N')}, "
+                         f"the model's is {plan.kind}-parallel with N={plan.N}: the "
+                         "projections were made for another model")
 
 
 def as_espace_layers(model: torch.nn.Module, names) -> Dict[str, torch.nn.Module]:

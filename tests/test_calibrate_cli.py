@@ -142,6 +142,13 @@ def test_sensitivity_command_at_tp2(workdir):
     with pytest.raises(Exception, match=r"target compression 99.0% is unreachable"):
         run_distributed(_sensitivity, nprocs=1, argv=_sens_argv(
             workdir, projections, out, extra=["--target-compression", "0.99"]))
+    wrong = espace.Projections()  # the right layer names, another model's widths
+    for layer in espace.Projections.load(projections).layers():
+        wrong.add(layer, "mse", torch.eye(32, dtype=torch.float64), torch.ones(32))
+    wrong.save(workdir / "wrong.safetensors")
+    with pytest.raises(Exception, match=r"wrong.safetensors: layer .* has K=32, but the model's"):
+        run_distributed(_sensitivity, nprocs=1, argv=_sens_argv(
+            workdir, workdir / "wrong.safetensors", out, extra=["--inflection"]))
     empty = _sens_argv(workdir, projections, workdir / "x.yaml",
                        extra=["--inflection"])
     empty[empty.index("--split") + 1] = "100,0,0"
