@@ -7,6 +7,7 @@
     espace calibrate ...                   = python -m megatron_espace.calibrate (torchrun)
     espace convert ...                     = python -m megatron_espace.convert (torchrun)
     espace sensitivity ...                 = python -m megatron_espace.sensitivity (torchrun)
+    espace train ...                       = python -m megatron_espace.train (torchrun)
 
 Jobs that run under torchrun are modules: ``python -m megatron_espace.<tool>``; the
 subcommands above run the same module in this process.
@@ -56,6 +57,7 @@ MODULES = {
     "calibrate": ("megatron_espace.calibrate", "calibration statistics -> projections file"),
     "convert": ("megatron_espace.convert", "ESPACE checkpoint -> compressed checkpoint"),
     "sensitivity": ("megatron_espace.sensitivity", "per-layer sensitivity -> ESPACE config"),
+    "train": ("megatron_espace.train", "train a baseline, or retrain with --espace-config"),
 }
 
 
