@@ -68,10 +68,15 @@ def parse_args(argv=None):
     g.add_argument("--finetune", action="store_true",
                    help="load weights (and optimizer) but start again at iteration 0")
     g.add_argument("--skip-train", action="store_true", help="only evaluate")
+    g.add_argument("--metrics-json", default=None,
+                   help="also write the run's losses and parameter counts here (rank 0)")
     e = p.add_argument_group("ESPACE")
     e.add_argument("--espace-config", default=None)
     e.add_argument("--espace-projections", default=None)
     e.add_argument("--espace-keep-dropout", action="store_true")
+    e.add_argument("--espace-compressed", action="store_true",
+                   help="build the compressed inference model (export_compressed) before "
+                   "loading: for checkpoints written by `espace convert`")
     args = p.parse_args(argv)
     if (args.espace_config is None) != (args.espace_projections is None):
         p.error("--espace-config and --espace-projections go together")
@@ -81,7 +86,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    history = run(args)
+    if args.metrics_json and int(os.environ.get("RANK", "0")) == 0:
+        Path(args.metrics_json).write_text(json.dumps(history, indent=1))
     return 0
 
 
@@ -113,8 +121,11 @@ def run(args) -> dict:
     model = arguments.build_model(args, tokenizer.vocab_size)
     if cfg is not None:
         plans = espace.apply_espace(model, cfg, projections)
+        if args.espace_compressed:
+            espace.export_compressed(model)
         if rank0:
-            print(f"ESPACE on {len(plans)} layers of this stage")
+            print(f"ESPACE on {len(plans)} layers of this stage"
+                  + (" (compressed inference form)" if args.espace_compressed else ""))
     ddp, optimizer, scheduler = _wrap(model, args)
     counts = espace.count_parameters(model)
     if rank0:
@@ -124,21 +135,25 @@ def run(args) -> dict:
     iteration, consumed = 0, 0
     if args.load:
         iteration, consumed = load(args, model, optimizer, scheduler)
-    train_ds, valid_ds, _ = _datasets(args, tokenizer, gbs)
+    train_ds, valid_ds, test_ds = _datasets(args, tokenizer, gbs)
 
     # ---------------------------------------------------------------- the loop
-    history = {"train_loss": [], "valid_loss": [], "iteration": iteration}
+    history = {"train_loss": [], "valid_loss": [], "iteration": iteration, "parameters": counts}
 
-    def evaluate_now(tag):
-        loss = evaluate(ddp, valid_ds, args, num_micro)
-        history["valid_loss"].append(loss)
+    def evaluate_now(tag, dataset=valid_ds, name="validation"):
+        loss = evaluate(ddp, dataset, args, num_micro)
+        history["valid_loss" if name == "validation" else "test_loss"] = (
+            history["valid_loss"] + [loss] if name == "validation" else loss)
         if rank0:
-            print(f" validation loss at {tag} | lm loss value: {loss:.6E} | lm loss PPL: "
+            print(f" {name} loss at {tag} | lm loss value: {loss:.6E} | lm loss PPL: "
                   f"{math.exp(min(loss, 20)):.6E} |", flush=True)
         return loss
 
     if args.skip_train:
-        evaluate_now("iteration 0" if not args.load else f"{args.load}")
+        tag = "iteration 0" if not args.load else f"{args.load}"
+        evaluate_now(tag)
+        if test_ds is not None and len(test_ds):
+            evaluate_now(tag, test_ds, "test")
         runtime.destroy()
         return history
     from megatron_espace.data import batch_iterator
@@ -172,6 +187,8 @@ def run(args) -> dict:
     if args.save and not (args.save_interval and iteration % args.save_interval == 0):
         save(args, model, optimizer, scheduler, iteration, consumed)
     evaluate_now(f"the end of training (iteration {iteration})")
+    if test_ds is not None and len(test_ds):
+        evaluate_now(f"the end of training (iteration {iteration})", test_ds, "test")
     history["iteration"] = iteration
     runtime.destroy()
     return history
@@ -214,7 +231,10 @@ def _datasets(args, tokenizer, gbs):
     from megatron_espace.data import build_datasets
 
     # every evaluation uses the same held-out batches, so perplexities compare exactly
-    sizes = (args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs)
+    weights = [float(w) for w in args.split.replace("/", ",").split(",")]
+    wanted = (args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs)
+    sizes = tuple(n if i >= len(weights) or weights[i] > 0 else None
+                  for i, n in enumerate(wanted))
     return build_datasets(args.data_path, seq_length=args.seq_length, split=args.split,
                           num_samples=sizes, tokenizer=tokenizer, seed=args.seed,
                           path_to_cache=args.data_cache_path)
@@ -279,7 +299,7 @@ def evaluate(ddp, dataset, args, num_micro) -> float:
                              dp_size=parallel_state.get_data_parallel_world_size())
     micro = [b for _, b in zip(range(args.eval_iters * num_micro), batches)]
     if not micro:
-        raise SystemExit(f"--split {args.split}: the validation split is empty")
+        raise SystemExit(f"--split {args.split}: the evaluation split is empty")
     loss = _forward_backward(ddp, micro, args, forward_only=True)
     ddp.train()
     return loss

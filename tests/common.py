@@ -68,14 +68,27 @@ def random_projections(model, methods=("mse",), seed: int = 0):
 
 
 def train_steps(model, steps: int = 8, lr: float = 3e-3, batch=None):
-    """Wrap ``model`` in megatron DDP + optimizer and run ``steps`` steps on one fixed batch.
+    """Wrap ``model`` in megatron DDP + Adam and run ``steps`` steps on one fixed batch.
 
-    Returns (losses, ddp_model, optimizer). Uses the demo's training loop.
+    Returns (losses, ddp_model, optimizer).
     """
-    from megatron_espace.demo import train, trainer
+    from megatron.core.distributed import DistributedDataParallel as DDP
+    from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    ddp, opt = trainer(model, lr)
-    losses = train(ddp, opt, [batch or token_batch()] * steps, steps, desc="test")
+    ddp = DDP(model.config, DistributedDataParallelConfig(), model)
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, clip_grad=1.0), [ddp])
+    tokens, pos, labels = batch or token_batch()
+    losses = []
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = ddp(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        opt.step()
+        losses.append(loss.item())
     return losses, ddp, opt
 
 
