@@ -60,17 +60,28 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    from megatron_espace.tokenizer import TOKENIZER_TYPES
+
     g = parser.add_argument_group("tokenizer (Megatron-LM flags)")
-    g.add_argument("--tokenizer-type", default="ByteLevel",
-                   choices=["ByteLevel", "GPT2BPETokenizer"])
+    g.add_argument("--tokenizer-type", default="ByteLevel", choices=TOKENIZER_TYPES)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
+    g.add_argument("--tokenizer-model", default=None,
+                   help="HuggingFaceTokenizer: tokenizer.json, or a directory holding it")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoints (Megatron-LM flags)")
     g.add_argument("--load", default=None, help="a torch_dist checkpoint directory, or a "
                    "Megatron-LM save directory holding latest_checkpointed_iteration.txt")
+
+
+def tokenizer(args):
+    """The tokenizer the ``--tokenizer-*`` flags describe."""
+    from megatron_espace.tokenizer import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file,
+                           args.tokenizer_model)
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:

@@ -57,13 +57,12 @@ def main(argv=None) -> int:
     from megatron_espace.calibration import CalibrationStatistics
     from megatron_espace.data import batch_iterator, build_datasets
     from megatron_espace.statistics import NEEDS
-    from megatron_espace.tokenizer import build_tokenizer
 
     cfg = espace.ESPACEConfig.from_yaml(args.espace_config)  # fail before any process group
     runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                        seed=args.seed)
     rank0 = dist.get_rank() == 0
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = arguments.tokenizer(args)
     model = arguments.build_model(args, tokenizer.vocab_size)
     ckpt = arguments.load_model(model, args.load)
     dp, dp_rank = (parallel_state.get_data_parallel_world_size(),

@@ -45,9 +45,8 @@ def build(args, compressed_checkpoint=None):
     import megatron_espace as espace
     from megatron_espace import checkpointing
     from megatron_espace.surgery import unwrap
-    from megatron_espace.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = arguments.tokenizer(args)
     model = arguments.build_model(args, tokenizer.vocab_size)
     cfg = espace.ESPACEConfig.from_yaml(args.espace_config)
     espace.apply_espace(model, cfg, espace.Projections.load(args.espace_projections))

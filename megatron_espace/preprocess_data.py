@@ -11,6 +11,10 @@ megatron-core's ``IndexedDatasetBuilder`` in the layout Megatron-LM's
 ``tools/preprocess_data.py`` writes: one sequence per document, none for an empty one.
 Outputs are built in temporary files and renamed into place, so an interrupted run leaves
 no partial dataset; inputs are only read.
+
+``--train-tokenizer-vocab-size N`` first trains a byte-level BPE vocab of N tokens on the
+same documents and writes it to ``--vocab-file`` / ``--merge-file`` (which must not exist
+yet), then tokenizes with it (``--tokenizer-type GPT2BPETokenizer``): for offline demos.
 """
 
 import argparse
@@ -19,12 +23,14 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from megatron_espace.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_espace.tokenizer import (TOKENIZER_TYPES, GPT2BPETokenizer, build_tokenizer,
+                                       train_bpe, write_bpe)
 
 JSON_SUFFIXES = (".jsonl", ".json")
 CHUNK = 512  # documents handed to the worker pool at a time
@@ -52,6 +58,16 @@ def _input_files(inputs, file_glob: str) -> list:
             files += sorted(found, key=lambda p: p.relative_to(item).as_posix())
         else:
             raise PreprocessError(f"{item}: no such file or directory")
+    return files
+
+
+def _checked_files(inputs, file_glob: str, json_keys) -> list:
+    """``_input_files``, refusing plain text files when the keys are not just ``text``."""
+    files = _input_files(inputs, file_glob)
+    plain = [p for p in files if p.suffix not in JSON_SUFFIXES]
+    if plain and tuple(json_keys) != ("text",):
+        raise PreprocessError(f"{plain[0]}: a plain text file gives key 'text' only, "
+                              f"but --json-keys is {' '.join(json_keys)}")
     return files
 
 
@@ -157,11 +173,7 @@ def preprocess(inputs, output_prefix: str, tokenizer, json_keys=("text",), appen
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     json_keys = tuple(json_keys)
-    files = _input_files(inputs, file_glob)
-    plain = [p for p in files if p.suffix not in JSON_SUFFIXES]
-    if plain and json_keys != ("text",):
-        raise PreprocessError(f"{plain[0]}: a plain text file gives key 'text' only, "
-                              f"but --json-keys is {' '.join(json_keys)}")
+    files = _checked_files(inputs, file_glob, json_keys)
     prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
     outputs = [prefixes[k] + ext for k in json_keys for ext in (".bin", ".idx")]
     sources = {p.resolve() for p in files}
@@ -199,6 +211,36 @@ def preprocess(inputs, output_prefix: str, tokenizer, json_keys=("text",), appen
     return {**counts, "prefixes": prefixes, "files": outputs, "dtype": dtype.__name__}
 
 
+def _picked_up(path, inputs, file_glob: str) -> bool:
+    """Whether ``path`` would be read as an input (inside an input directory, or named)."""
+    path = Path(path).resolve()
+    for item in map(Path, inputs):
+        if item.resolve() == path:
+            return True
+        if item.is_dir() and path.is_relative_to(item.resolve()):
+            parts = path.relative_to(item.resolve()).parts
+            if not any(p.startswith(".") for p in parts) and fnmatch.fnmatch(path.name, file_glob):
+                return True
+    return False
+
+
+def train_tokenizer(inputs, vocab_size: int, vocab_file, merge_file, json_keys=("text",),
+                    file_glob="*") -> GPT2BPETokenizer:
+    """Train byte-level BPE (``train_bpe``) on the documents of ``inputs``, write it to
+    ``vocab_file`` / ``merge_file`` (refusing existing files) and return its tokenizer."""
+    for path in (vocab_file, merge_file):
+        if os.path.exists(path):
+            raise PreprocessError(f"{path}: exists; --train-tokenizer-vocab-size will not "
+                                  f"overwrite it (remove it, or drop the flag to use it)")
+        if _picked_up(path, inputs, file_glob):
+            raise PreprocessError(f"{path}: would be read back as an input document")
+    files = _checked_files(inputs, file_glob, json_keys)
+    texts = (text for texts, _ in _documents(files, json_keys) if texts for text in texts.values())
+    vocab, merges = train_bpe(texts, vocab_size)
+    write_bpe(vocab, merges, vocab_file, merge_file)
+    return GPT2BPETokenizer(vocab_file, merge_file)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m megatron_espace.preprocess_data",
                                 description=__doc__.split("\n\n")[0])
@@ -209,6 +251,11 @@ def get_args(argv=None):
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     p.add_argument("--vocab-file", help="GPT2BPETokenizer: encoder.json")
     p.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
+    p.add_argument("--tokenizer-model",
+                   help="HuggingFaceTokenizer: tokenizer.json, or a directory holding it")
+    p.add_argument("--train-tokenizer-vocab-size", type=int, metavar="N",
+                   help="first train an N-token byte-level BPE on the inputs and write it to "
+                        "the (new) --vocab-file and --merge-file; needs GPT2BPETokenizer")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="fields of each JSON line to tokenize (default: text)")
     p.add_argument("--append-eod", action="store_true",
@@ -221,7 +268,21 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+        if args.train_tokenizer_vocab_size is not None:
+            if args.tokenizer_type != "GPT2BPETokenizer" or not args.vocab_file \
+                    or not args.merge_file:
+                raise ValueError("--train-tokenizer-vocab-size needs --tokenizer-type "
+                                 "GPT2BPETokenizer, --vocab-file and --merge-file")
+            start = time.perf_counter()
+            tokenizer = train_tokenizer(args.input, args.train_tokenizer_vocab_size,
+                                        args.vocab_file, args.merge_file, args.json_keys,
+                                        args.file_glob)
+            print(f"trained a {tokenizer.vocab_size:,}-token BPE vocab "
+                  f"({len(tokenizer.ranks):,} merges) in {time.perf_counter() - start:.1f}s "
+                  f"-> {args.vocab_file} {args.merge_file}")
+        else:
+            tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file,
+                                        args.tokenizer_model)
         result = preprocess(args.input, args.output_prefix, tokenizer, args.json_keys,
                             args.append_eod, args.file_glob, args.workers)
     except (ValueError, OSError) as e:  # PreprocessError is a ValueError

@@ -304,13 +304,12 @@ def main(argv=None) -> int:
     from megatron_espace import runtime
     from megatron_espace.data import batch_iterator, build_datasets
     from megatron_espace.projection import rank_for_compression
-    from megatron_espace.tokenizer import build_tokenizer
 
     cfg = espace.ESPACEConfig.from_yaml(args.espace_config)
     projections = espace.Projections.load(args.espace_projections)
     runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                        seed=args.seed)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = arguments.tokenizer(args)
     model = arguments.build_model(args, tokenizer.vocab_size)
     arguments.load_model(model, args.load)
     model.eval()

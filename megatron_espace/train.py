@@ -115,9 +115,7 @@ def run(args) -> dict:
     num_micro = gbs // (args.micro_batch_size * dp)
     rank0 = dist.get_rank() == 0
 
-    from megatron_espace.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = arguments.tokenizer(args)
     model = arguments.build_model(args, tokenizer.vocab_size)
     if cfg is not None:
         plans = espace.apply_espace(model, cfg, projections)
