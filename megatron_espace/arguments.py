@@ -164,7 +164,6 @@ def load_model(model, load) -> Path:
     from megatron_espace.surgery import unwrap
 
     path = checkpoint_dir(load)
-    inner = unwrap(model)
-    state = checkpointing.load({"model": inner.sharded_state_dict()}, path)
-    inner.load_state_dict(state["model"])
+    state = checkpointing.load({"model": checkpointing.model_sharded_state_dict(model)}, path)
+    unwrap(model).load_state_dict(state["model"])
     return path

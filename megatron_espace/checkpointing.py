@@ -29,6 +29,23 @@ def _is_projection(value) -> bool:
     return PROJECTION_KEY in parts[-2:]  # "...espace_proj" or "...espace_proj.L3"
 
 
+def model_sharded_state_dict(model) -> dict:
+    """``model.sharded_state_dict()`` (wrappers removed), per-layer keys for compressed models.
+
+    torch_dist stacks each layer kind's tensors under one key across layers, which needs
+    every layer to hold them; a model where only some layers are compressed has ``weight``
+    in some and ``espace_weight`` in others, so it is saved with megatron's per-layer keys
+    (``non_homogeneous_layers``). Save and load call this alike.
+    """
+    from megatron_espace.layers import _CompressedMixin
+    from megatron_espace.surgery import unwrap
+
+    inner = unwrap(model)
+    compressed = any(isinstance(m, _CompressedMixin) for m in inner.modules())
+    return inner.sharded_state_dict(
+        metadata={"non_homogeneous_layers": True} if compressed else None)
+
+
 def drop_missing_projections(sharded_state_dict: dict, checkpoint_dir) -> list:
     """Remove, in place, the projection entries ``checkpoint_dir`` does not hold.
 

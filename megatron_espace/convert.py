@@ -54,9 +54,9 @@ def build(args, compressed_checkpoint=None):
         arguments.load_model(model, args.load)  # the ESPACE checkpoint: W and P
     espace.export_compressed(model)
     if compressed_checkpoint is not None:
-        inner = unwrap(model)
-        inner.load_state_dict(checkpointing.load({"model": inner.sharded_state_dict()},
-                                                 compressed_checkpoint)["model"])
+        state = checkpointing.load({"model": checkpointing.model_sharded_state_dict(model)},
+                                   compressed_checkpoint)
+        unwrap(model).load_state_dict(state["model"])
     return model
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import megatron_espace as espace
     from megatron_espace import checkpointing, runtime
-    from megatron_espace.surgery import linear_layers, unwrap
+    from megatron_espace.surgery import linear_layers
 
     if Path(args.save).exists():
         raise SystemExit(f"--save {args.save}: already exists; not overwriting")
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
                        seed=args.seed)
     model = build(args)
     counts = espace.count_parameters(model)
-    checkpointing.save({"model": unwrap(model).sharded_state_dict()}, args.save)
+    checkpointing.save({"model": checkpointing.model_sharded_state_dict(model)}, args.save)
     ranks = {n: m.projection_rank for n, m in linear_layers(model).items()
-             if m.projection_rank is not None}
+             if getattr(m, "projection_rank", None) is not None}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, ranks)  # every pipeline stage's layers
     if dist.get_rank() == 0:

@@ -75,9 +75,7 @@ class Demo:
 
     def train(self, name, *extra):
         metrics = self.out / f"{name}.json"
-        warmup = [] if "--skip-train" in extra else ["--lr-warmup-iters", "10"]
-        self.run("megatron_espace.train", *self.model, *self.dataset, *warmup,
-                 "--eval-interval", "0", "--eval-iters", str(self.args.eval_iters),
+        self.run("megatron_espace.train", *self.model, *self.dataset, "--eval-interval", "0", "--eval-iters", str(self.args.eval_iters),
                  "--log-interval", "50", "--metrics-json", str(metrics), *extra)
         return json.loads(metrics.read_text())
 
@@ -87,7 +85,8 @@ class Demo:
                  *stdlib_sources(a.text_bytes), "--output-prefix", str(self.data / "text"),
                  "--tokenizer-type", "ByteLevel", "--append-eod", nproc=1)
         r = {"pretrain": self.train("pretrain", "--train-iters", str(a.train_iters), "--lr",
-                                    str(a.lr), "--save", str(out / "baseline"))}
+                                    str(a.lr), "--lr-warmup-iters", str(a.train_iters // 20),
+                                    "--save", str(out / "baseline"))}
         r["baseline"] = self.train("baseline", "--train-iters", "1", "--lr", str(a.lr),
                                    "--load", str(out / "baseline"), "--skip-train")
         self.run("megatron_espace.calibrate", *self.model, *self.dataset, "--load",

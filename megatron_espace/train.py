@@ -307,9 +307,9 @@ def evaluate(ddp, dataset, args, num_micro) -> float:
 
 
 def _sharded(model, optimizer, is_loading):
-    from megatron_espace.surgery import unwrap
+    from megatron_espace.checkpointing import model_sharded_state_dict
 
-    model_sd = unwrap(model).sharded_state_dict()
+    model_sd = model_sharded_state_dict(model)
     sd = {"model": model_sd}
     if optimizer is not None:
         meta = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -345,8 +345,12 @@ def load(args, model, optimizer, scheduler):
     """Load ``--load``; returns (iteration, consumed samples) to continue from."""
     from megatron_espace import checkpointing
 
+    from megatron.core import dist_checkpointing
+
     path = arguments.checkpoint_dir(args.load)
-    load_optim = optimizer if not args.no_load_optim else None
+    has_optim = any(k.startswith("optimizer.")
+                    for k in dist_checkpointing.load_tensors_metadata(str(path)))
+    load_optim = None if (args.no_load_optim or args.skip_train or not has_optim) else optimizer
     if load_optim is not None and args.use_distributed_optimizer:
         compat.distributed_optimizer_torch_adam()
         compat.allocate_adam_state(optimizer)
@@ -368,8 +372,8 @@ def load(args, model, optimizer, scheduler):
     meta_file = path / STATE
     fresh = args.finetune or baseline or not meta_file.is_file()
     if dist.get_rank() == 0:
-        what = ("baseline weights" + (" and optimizer state" if load_optim else "")
-                if baseline else "checkpoint")
+        what = (("baseline weights" if baseline else "checkpoint")
+                + (" with optimizer state" if load_optim else " (weights only)"))
         print(f"loaded {what} from {path}" + ("; starting at iteration 0" if fresh else ""))
     if fresh:
         return 0, 0
