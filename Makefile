@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.espace-installed
 OUT    ?= demo-output
 
-.PHONY: env test demo bench bench-calibration clean
+.PHONY: env test demo bench bench-calibration bench-inference bench-train clean
 
 env: $(STAMP)
 
@@ -30,6 +30,12 @@ bench: $(STAMP)
 
 bench-calibration: $(STAMP)
 	$(PY) benchmarks/bench_calibration.py
+
+bench-inference: $(STAMP)
+	$(PY) benchmarks/bench_inference.py
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -136,7 +136,8 @@ def run(args) -> dict:
     train_ds, valid_ds, test_ds = _datasets(args, tokenizer, gbs)
 
     # ---------------------------------------------------------------- the loop
-    history = {"train_loss": [], "valid_loss": [], "iteration": iteration, "parameters": counts}
+    history = {"train_loss": [], "lr": [], "valid_loss": [], "iteration": iteration,
+               "parameters": counts}
 
     def evaluate_now(tag, dataset=valid_ds, name="validation"):
         loss = evaluate(ddp, dataset, args, num_micro)
@@ -167,6 +168,7 @@ def run(args) -> dict:
         consumed += gbs
         window.append(loss)
         history["train_loss"].append(loss)
+        history["lr"].append(optimizer.param_groups[0]["lr"])
         if iteration % args.log_interval == 0 and rank0:
             ms = (time.monotonic() - start) * 1000 / len(window)
             print(f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: "
@@ -376,6 +378,9 @@ def load(args, model, optimizer, scheduler):
                 + (" with optimizer state" if load_optim else " (weights only)"))
         print(f"loaded {what} from {path}" + ("; starting at iteration 0" if fresh else ""))
     if fresh:
+        if load_optim is not None:  # the loaded param groups carry the old run's lr range
+            for group in optimizer.param_groups:
+                group["max_lr"], group["min_lr"] = args.lr, args.min_lr
         return 0, 0
     meta = json.loads(meta_file.read_text())
     scheduler.load_state_dict(meta["scheduler"])

@@ -103,8 +103,10 @@ def test_baseline_to_espace_retraining(data):
              str(data / "projections.safetensors")]
     res = run_distributed(_train, nprocs=2, argv=_argv(
         data, "--tensor-model-parallel-size", "2", "--train-iters", "8", "--load", str(base),
-        "--save", str(esp), *flags))[0]
+        "--save", str(esp), "--lr", "1e-3", *flags))[0]
     assert res["iteration"] == 8  # started again at 0 from the baseline
+    # the new run's schedule, not the baseline's lr range that came with its Adam state
+    assert 0 < max(res["lr"]) <= 1e-3  # the baseline ran at 2e-3
     assert res["train_loss"][-1] < res["train_loss"][0]
     (w,) = run_distributed(_weights, nprocs=1, argv=_argv(
         data, "--train-iters", "1", "--load", str(esp), *flags))
