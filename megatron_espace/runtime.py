@@ -109,8 +109,12 @@ def run_main(main, *args, **kwargs) -> int:
     except SystemExit:
         raise
     except BaseException:
+        import multiprocessing
+
         rank = os.environ.get("RANK", "0")
         sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
         sys.stderr.flush()
         sys.stdout.flush()
+        for child in multiprocessing.active_children():  # e.g. dist_checkpointing's Manager
+            child.kill()
         os._exit(1)

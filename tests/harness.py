@@ -114,8 +114,18 @@ def _child(source: str, name: str, tmp: str, kwargs: str) -> None:
     except BaseException:
         (Path(tmp) / f"rank{rank}.err").write_text(traceback.format_exc())
         sys.stderr.write(traceback.format_exc())
-        os._exit(1)  # do not wait for peers blocked in a collective
-    os._exit(0)
+        _exit_now(1)  # do not wait for peers blocked in a collective
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """``os._exit`` skips multiprocessing's clean-up: end our helper processes first (e.g.
+    dist_checkpointing's Manager server), or each test would leak one."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(code)
 
 
 if __name__ == "__main__":
