@@ -142,3 +142,45 @@ def test_layouts_agree_with_one_process(data):
                                        msg=str(layout))
             torch.testing.assert_close(r["valid_loss"], ref["valid_loss"], rtol=1e-4, atol=0,
                                        msg=str(layout))
+
+
+def _loaded_state(argv):
+    """What the trainer's load puts in the model and the optimizer (TP=1, one process)."""
+    from megatron_espace import arguments, runtime, train
+
+    args = train.parse_args(argv)
+    runtime.initialize()
+    model = arguments.build_model(args, vocab_size=257)
+    if args.espace_config:
+        espace.apply_espace(model, espace.ESPACEConfig.from_yaml(args.espace_config),
+                            espace.Projections.load(args.espace_projections))
+    _, optimizer, scheduler = train._wrap(model, args)
+    train.load(args, model, optimizer, scheduler)
+    out = {}
+    inner = optimizer.chained_optimizers[0].optimizer if hasattr(
+        optimizer, "chained_optimizers") else optimizer.optimizer
+    for name, p in model.named_parameters():
+        out[f"w|{name}"] = p.detach()
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}|{name}"] = inner.state[p][key]
+    return out
+
+
+def test_retraining_loads_the_baselines_weights_and_adam_moments(data):
+    """The baseline model and the ESPACE model read the same W, exp_avg and exp_avg_sq."""
+    base = data / "base-moments"
+    run_distributed(_train, nprocs=1, argv=_argv(data, "--train-iters", "3", "--save",
+                                                  str(base)))
+    (data / "espace2.yaml").write_text(
+        "layers:\n  - match: '*.linear_fc1'\n    rank: 16\n    method: mse\n")
+    run_distributed(_calibrate_random, nprocs=1, root=str(data),
+                    argv=_argv(data, "--train-iters", "1"))
+    common = _argv(data, "--train-iters", "3", "--load", str(base))
+    (plain,) = run_distributed(_loaded_state, nprocs=1, argv=common)
+    (esp,) = run_distributed(_loaded_state, nprocs=1, argv=common + [
+        "--espace-config", str(data / "espace2.yaml"),
+        "--espace-projections", str(data / "projections.safetensors")])
+    assert plain.keys() == esp.keys() and any(k.startswith("exp_avg_sq|") for k in plain)
+    for key in plain:
+        assert torch.equal(plain[key], esp[key]), key
+    assert any(esp[k].abs().sum() > 0 for k in esp if k.startswith("exp_avg|"))
