@@ -40,8 +40,8 @@ def _train(argv):
     return train.run(train.parse_args(argv))
 
 
-def _weights(argv):
-    """Every parameter of the model a checkpoint holds, loaded at TP=1."""
+def _model(argv):
+    """The trainer's flags parsed, and the (ESPACE) model they describe, at TP=1."""
     from megatron_espace import arguments, runtime, train
 
     args = train.parse_args(argv)
@@ -50,6 +50,14 @@ def _weights(argv):
     if args.espace_config:
         espace.apply_espace(model, espace.ESPACEConfig.from_yaml(args.espace_config),
                             espace.Projections.load(args.espace_projections))
+    return args, model
+
+
+def _weights(argv):
+    """Every parameter of the model a checkpoint holds, loaded at TP=1."""
+    from megatron_espace import arguments
+
+    args, model = _model(argv)
     arguments.load_model(model, args.load)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
@@ -146,14 +154,9 @@ def test_layouts_agree_with_one_process(data):
 
 def _loaded_state(argv):
     """What the trainer's load puts in the model and the optimizer (TP=1, one process)."""
-    from megatron_espace import arguments, runtime, train
+    from megatron_espace import train
 
-    args = train.parse_args(argv)
-    runtime.initialize()
-    model = arguments.build_model(args, vocab_size=257)
-    if args.espace_config:
-        espace.apply_espace(model, espace.ESPACEConfig.from_yaml(args.espace_config),
-                            espace.Projections.load(args.espace_projections))
+    args, model = _model(argv)
     _, optimizer, scheduler = train._wrap(model, args)
     train.load(args, model, optimizer, scheduler)
     out = {}
