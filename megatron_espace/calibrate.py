@@ -12,7 +12,6 @@ the projections file, a per-layer summary and a PNG of the eigenvalue spectra.
 """
 
 import argparse
-import json
 import sys
 import time
 import types
@@ -74,11 +73,17 @@ def main(argv=None) -> int:
     needs_grad = any(k in ("nl", "nln") for m in cfg.calibration.methods for k in NEEDS[m])
 
     stats_dir = Path(args.statistics_dir or f"{args.out}.stats")
-    progress_file = stats_dir / "progress.json"
     done, stats = 0, None
-    if progress_file.is_file():
-        done = json.loads(progress_file.read_text())["samples"]
+    if any(stats_dir.glob("statistics-pp*.safetensors")):
+        # the sample count is saved in the same file as the sums: they cannot disagree
         stats = CalibrationStatistics.load(stats_dir)
+        done = stats.samples
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, done)
+        if len(set(seen)) > 1:
+            raise SystemExit(f"{stats_dir}: the pipeline stages' statistics stopped at "
+                             f"different points ({sorted(set(seen))} samples); remove the "
+                             "directory and calibrate again")
         if rank0:
             print(f"resuming from {stats_dir}: {done} of {args.calib_samples} samples done")
 
@@ -101,9 +106,8 @@ def main(argv=None) -> int:
                                  statistics=stats, data=f"{args.data_path} split {args.split}")
         model.zero_grad(set_to_none=True)
         done += chunk
+        stats.samples = done
         stats.save(stats_dir)
-        if rank0:
-            progress_file.write_text(json.dumps({"samples": done}))
         bar.update(chunk)
         bar.set_postfix(tok_s=f"{(done * args.seq_length) / (time.monotonic() - start):.0f}")
     bar.close()

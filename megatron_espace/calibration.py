@@ -77,6 +77,7 @@ class CalibrationStatistics:
         self.methods = tuple(methods)
         self.layers: Dict[str, LayerStatistics] = {}
         self.data = data
+        self.samples = 0  # calibration sequences consumed so far (for resuming)
 
     def matrix(self, layer: str, method: str):
         """The K×K matrix of ``method`` for ``layer`` (float64) and whether to rank by |λ|."""
@@ -174,7 +175,7 @@ class CalibrationStatistics:
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             save_file(tensors, str(tmp), metadata={
                 "format": "megatron-espace-statistics", "methods": json.dumps(self.methods),
-                "data": self.data, "layers": json.dumps(meta)})
+                "data": self.data, "samples": str(self.samples), "layers": json.dumps(meta)})
             os.replace(tmp, path)
         if dist.is_initialized():
             dist.barrier()
@@ -192,6 +193,7 @@ class CalibrationStatistics:
             if meta.get("format") != "megatron-espace-statistics":
                 raise ValueError(f"{path}: not an ESPACE statistics file")
             out = cls(json.loads(meta["methods"]), meta.get("data", ""))
+            out.samples = int(meta.get("samples", 0))
             for name, m in json.loads(meta["layers"]).items():
                 keys = list(m["counts"])
                 s = LayerStatistics(m["kind"], m["K"], m["N"], keys,
