@@ -326,8 +326,10 @@ def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
 
     root = Path(args.save)
     path = root / f"iter_{iteration:07d}"
-    if dist.get_rank() == 0 and path.exists():
-        shutil.rmtree(path)  # a re-save of the same iteration (e.g. after a restart)
+    old = path.with_name(path.name + ".old")
+    if dist.get_rank() == 0 and path.exists():  # the same iteration again (a restarted run):
+        shutil.rmtree(old, ignore_errors=True)  # keep the previous copy until this one is done
+        os.replace(path, old)
     dist.barrier()
     checkpointing.save(_sharded(model, optimizer, is_loading=False), path)
     _save_rng(path)
@@ -339,6 +341,7 @@ def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
         tmp = root / f".{TRACKER}.tmp"
         tmp.write_text(str(iteration))
         os.replace(tmp, root / TRACKER)
+        shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)
     dist.barrier()
 
