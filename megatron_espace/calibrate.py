@@ -99,9 +99,8 @@ def main(argv=None) -> int:
     start = time.monotonic()
     while done < total:
         chunk = min(args.save_interval - args.save_interval % step or step, total - done)
-        micro = [(b["tokens"], b["position_ids"], b["labels"]) for b in
-                 _take(batch_iterator(train, args.micro_batch_size, start=done,
-                                      dp_rank=dp_rank, dp_size=dp), chunk // step)]
+        micro = _take(batch_iterator(train, args.micro_batch_size, start=done,
+                                     dp_rank=dp_rank, dp_size=dp), chunk // step)
         stats = espace.calibrate(model, lambda m: _forward(m, micro, needs_grad, args), cfg,
                                  statistics=stats, data=f"{args.data_path} split {args.split}")
         model.zero_grad(set_to_none=True)
@@ -128,27 +127,12 @@ def _take(iterator, n):
 
 
 def _forward(model, micro, needs_grad, args):
-    """Run the calibration micro-batches through the pipeline schedule."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """The calibration micro-batches through the schedule (backward for gradient statistics)."""
+    from megatron_espace.schedule import run_microbatches
 
-    count = len(micro)
-
-    def forward_step(data_iterator, model):
-        tokens, positions, labels = next(data_iterator)
-        output = model(tokens, positions, None, labels=labels)
-
-        def loss_func(out):  # the per-micro-batch token mean, as each sequence's loss
-            loss = out.float().mean()
-            return loss * count, {"loss": loss.detach()}
-
-        return output, loss_func
-
-    context = torch.enable_grad() if needs_grad else torch.no_grad()
-    with context:
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-            num_microbatches=count, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=not needs_grad)
+    with torch.enable_grad() if needs_grad else torch.no_grad():
+        run_microbatches(model, micro, args.seq_length, args.micro_batch_size,
+                         forward_only=not needs_grad, per_microbatch=True)
 
 
 def summary(projections, fractions=(1 / 8, 1 / 4, 1 / 2)) -> str:

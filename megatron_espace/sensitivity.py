@@ -323,9 +323,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--data-path {' '.join(args.data_path)} --split {args.split}: the "
                          f"validation split holds {0 if valid is None else len(valid)} samples, "
                          f"{samples} are needed (--eval-iters x micro-batch x DP)")
-    micro = [(b["tokens"], b["position_ids"], b["labels"], b["loss_mask"]) for b in
-             batch_iterator(valid, args.micro_batch_size, dp_rank=dp_rank, dp_size=dp)]
-    micro = micro[:args.eval_iters]
+    micro = list(batch_iterator(valid, args.micro_batch_size, dp_rank=dp_rank,
+                                dp_size=dp))[:args.eval_iters]
 
     plans = espace.plan_espace(model, cfg, projections)
     from megatron_espace.surgery import check_fits
@@ -369,35 +368,10 @@ def main(argv=None) -> int:
 @torch.no_grad()
 def evaluate(model, micro, args) -> float:
     """Mean validation loss over the micro-batches of every DP rank (same on every rank)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_espace.schedule import run_microbatches
 
-    from megatron_espace.runtime import device
-
-    total = torch.zeros(2, dtype=torch.float64, device=device())
-
-    def forward_step(data_iterator, model):
-        tokens, positions, labels, mask = next(data_iterator)
-        output = model(tokens, positions, None, labels=labels)
-
-        def loss_func(out):
-            loss = (out.float() * mask).sum() / mask.sum().clamp_min(1)
-            total[0] += loss.double()
-            total[1] += 1
-            return loss, {}
-
-        return output, loss_func
-
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-        num_microbatches=len(micro), seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=True)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from megatron.core import parallel_state
-
-        # only the last pipeline stage computed losses, each TP rank the same ones
-        dist.all_reduce(total)
-        total /= parallel_state.get_tensor_model_parallel_world_size()
-    return (total[0] / total[1].clamp_min(1)).item()
+    return run_microbatches(model, micro, args.seq_length, args.micro_batch_size,
+                            forward_only=True)
 
 
 if __name__ == "__main__":

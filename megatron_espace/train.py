@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_espace import arguments, compat
+from megatron_espace.schedule import run_microbatches
 
 STATE = "espace_state.json"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -141,8 +142,10 @@ def run(args) -> dict:
 
     def evaluate_now(tag, dataset=valid_ds, name="validation"):
         loss = evaluate(ddp, dataset, args, num_micro)
-        history["valid_loss" if name == "validation" else "test_loss"] = (
-            history["valid_loss"] + [loss] if name == "validation" else loss)
+        if name == "validation":
+            history["valid_loss"].append(loss)
+        else:
+            history["test_loss"] = loss
         if rank0:
             print(f" {name} loss at {tag} | lm loss value: {loss:.6E} | lm loss PPL: "
                   f"{math.exp(min(loss, 20)):.6E} |", flush=True)
@@ -240,49 +243,11 @@ def _datasets(args, tokenizer, gbs):
                           path_to_cache=args.data_cache_path)
 
 
-def _forward_backward(model, micro, args, forward_only):
-    """One schedule pass; returns the mean token loss over the micro-batches (last stage)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    losses = []
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-
-        def loss_func(out):
-            mask = batch["loss_mask"]
-            loss = (out.float() * mask).sum() / mask.sum().clamp_min(1)
-            losses.append(loss.item())  # now: the schedule then divides `loss` in place
-            return loss, {"lm loss": loss.detach()}
-
-        return output, loss_func
-
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-        num_microbatches=len(micro), seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=forward_only)
-    return _mean_over_dp_last_stage(losses)
-
-
-def _mean_over_dp_last_stage(losses) -> float:
-    """The loss every rank reports: mean over micro-batches and DP ranks, from the last stage."""
-    from megatron.core import parallel_state
-
-    from megatron_espace.runtime import device
-
-    total = torch.tensor([float(sum(losses)), float(len(losses))],
-                         dtype=torch.float64, device=device())
-    if dist.get_world_size() > 1:
-        dist.all_reduce(total)
-        total /= parallel_state.get_tensor_model_parallel_world_size()
-    return (total[0] / total[1].clamp_min(1)).item()
-
-
 def train_step(ddp, optimizer, micro, args):
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = _forward_backward(ddp, micro, args, forward_only=False)
+    loss = run_microbatches(ddp, micro, args.seq_length, args.micro_batch_size,
+                            forward_only=False)
     _, grad_norm, _ = optimizer.step()
     return loss, grad_norm or 0.0
 
@@ -300,7 +265,8 @@ def evaluate(ddp, dataset, args, num_micro) -> float:
     micro = [b for _, b in zip(range(args.eval_iters * num_micro), batches)]
     if not micro:
         raise SystemExit(f"--split {args.split}: the evaluation split is empty")
-    loss = _forward_backward(ddp, micro, args, forward_only=True)
+    loss = run_microbatches(ddp, micro, args.seq_length, args.micro_batch_size,
+                            forward_only=True)
     ddp.train()
     return loss
 

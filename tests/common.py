@@ -115,27 +115,13 @@ def reinit_by_global_name(model):
 def pipeline_forward_backward(model, microbatches, forward_only=False):
     """One megatron schedule pass over ``microbatches`` of (tokens, positions, labels).
 
-    The loss of each micro-batch is its plain token mean (the schedule's division by the
-    number of micro-batches is undone), so gradients do not depend on how micro-batches are
-    spread over data-parallel ranks. Returns the per-micro-batch losses (last stage).
+    Each micro-batch's loss is its own token mean (``per_microbatch``), so gradients do not
+    depend on how micro-batches are spread over data-parallel ranks. Returns the mean loss.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_espace.schedule import run_microbatches
 
-    count = len(microbatches)
-
-    def forward_step(data_iterator, model):
-        t, p, lab = next(data_iterator)
-        out = model(t, p, None, labels=lab)
-
-        def loss_func(output):
-            loss = output.float().mean()
-            return loss * count, {"loss": loss.detach()}
-
-        return out, loss_func
-
+    micro = [{"tokens": t, "position_ids": p, "labels": lab,
+              "loss_mask": torch.ones(lab.shape)} for t, p, lab in microbatches]
     tokens = microbatches[0][0]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=count, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-        forward_only=forward_only)
-    return [d["loss"].item() for d in losses]
+    return run_microbatches(model, micro, tokens.shape[1], tokens.shape[0], forward_only,
+                            per_microbatch=True)
