@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_espace import arguments
+from megatron_espace import arguments, atomic
 
 
 def parse_args(argv=None):
@@ -183,7 +183,7 @@ def spectra_plot(projections, path: Path) -> None:
     handles = [plt.Line2D([], [], color=c, label=k) for k, c in kinds.items()]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
+    atomic.savefig(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -23,7 +23,6 @@ rank holds bit-identical projections. The math lives in :mod:`statistics` and
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -156,7 +155,7 @@ class CalibrationStatistics:
 
         One file per pipeline stage, written by its first TP/DP rank; collective.
         """
-        from safetensors.torch import save_file
+        from megatron_espace.atomic import save_safetensors
 
         directory = Path(directory)
         if _is_stage_writer():
@@ -172,11 +171,9 @@ class CalibrationStatistics:
                               "counts": {k: m.count for k, m in s.moments.items()},
                               "weights": sorted(s.weights)}
             path = directory / f"statistics-pp{_pp_rank()}.safetensors"
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file(tensors, str(tmp), metadata={
+            save_safetensors(path, tensors, metadata={
                 "format": "megatron-espace-statistics", "methods": json.dumps(self.methods),
                 "data": self.data, "samples": str(self.samples), "layers": json.dumps(meta)})
-            os.replace(tmp, path)
         if dist.is_initialized():
             dist.barrier()
 

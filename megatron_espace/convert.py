@@ -13,13 +13,12 @@ the layers and ranks; the checkpoint reloads at any TP/PP size through :func:`lo
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_espace import arguments
+from megatron_espace import arguments, atomic
 
 MANIFEST = "espace.json"
 
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
                     "layers": dict(sorted({k: v for g in gathered for k, v in g.items()}
                                           .items())),
                     "parameters": counts}
-        (Path(args.save) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        atomic.write_json(Path(args.save) / MANIFEST, manifest)
         print(f"wrote {args.save}: {len(manifest['layers'])} compressed layers, "
               f"{counts['total']:,} parameters ({counts['gemm']:,} in GEMMs, "
               f"{1 - counts['gemm'] / counts['gemm_dense']:.1%} fewer)")

@@ -30,6 +30,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from megatron_espace import atomic
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -115,8 +117,8 @@ class Demo:
                                      str(out / "compressed"), "--skip-train")
         table = report(r, a.retrain_iters)
         plot(r, out / "losses.png")
-        (out / "results.json").write_text(json.dumps(r, indent=1))
-        (out / "results.md").write_text(table + "\n")
+        atomic.write_json(out / "results.json", r)
+        atomic.write_text(out / "results.md", table + "\n")
         print("\n" + table)
         print(f"\nwritten under {out}/: results.md, results.json, losses.png, espace.yaml "
               "(+ .md sensitivity report, .png progressive curve), projections.safetensors "
@@ -163,7 +165,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title("byte-level GPT on the stdlib sources, CPU, TP=2")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.savefig(fig, path, dpi=120)
     plt.close(fig)
 
 

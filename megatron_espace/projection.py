@@ -6,14 +6,14 @@ plus ``P`` K×L).
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import safetensors
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from megatron_espace.atomic import save_safetensors
 
 
 def layer_compression(k: int, n: int, rank: int) -> float:
@@ -120,14 +120,7 @@ class Projections:
             index.append([layer, method])
         meta = {"format": FORMAT, "version": str(VERSION), "index": json.dumps(index),
                 "chosen": json.dumps(self.chosen), "info": json.dumps(self.info)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path) -> "Projections":

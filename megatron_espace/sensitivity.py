@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -32,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_espace import arguments
+from megatron_espace import arguments, atomic
 
 
 class SensitivityStudy:
@@ -76,10 +75,7 @@ class SensitivityStudy:
 
     def _save(self):
         if _rank() == 0 and self.cache:
-            self.cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache.with_name(f".{self.cache.name}.tmp")
-            tmp.write_text(json.dumps(self.results, indent=1))
-            os.replace(tmp, self.cache)
+            atomic.write_json(self.cache, self.results)
 
     def _set(self, name: str, method: Optional[str]):
         """Give (or take away, with None) one layer's projection, on the stage that holds it."""
@@ -201,7 +197,7 @@ def write_config(path, ranking: List[dict], count: int, methods) -> None:
     data = {"calibration": {"methods": sorted(set(methods))},
             "layers": [{"match": r["layer"], "rank": r["rank"], "method": r["method"]}
                        for r in chosen]}
-    Path(path).write_text("# written by espace sensitivity\n" + yaml.safe_dump(
+    atomic.write_text(path, "# written by espace sensitivity\n" + yaml.safe_dump(
         data, sort_keys=False))
 
 
@@ -258,7 +254,7 @@ def plot(results: dict, count: int, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -357,7 +353,7 @@ def main(argv=None) -> int:
     if rank0:
         write_config(args.out_config, ranking, count, projections.methods(ranking[0]["layer"]))
         text = report(results, ranking, count, rule)
-        Path(args.out_config).with_suffix(".md").write_text(text)
+        atomic.write_text(Path(args.out_config).with_suffix(".md"), text)
         plot(results, count, Path(args.out_config).with_suffix(".png"))
         print(text)
         print(f"wrote {args.out_config} (+ .md, .png)")

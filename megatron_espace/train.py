@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_espace import arguments, compat
+from megatron_espace import arguments, atomic, compat
 from megatron_espace.schedule import run_microbatches
 
 STATE = "espace_state.json"
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     history = run(args)
     if args.metrics_json and int(os.environ.get("RANK", "0")) == 0:
-        Path(args.metrics_json).write_text(json.dumps(history, indent=1))
+        atomic.write_json(args.metrics_json, history)
     return 0
 
 
@@ -300,13 +300,11 @@ def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
     checkpointing.save(_sharded(model, optimizer, is_loading=False), path)
     _save_rng(path)
     if dist.get_rank() == 0:
-        (path / STATE).write_text(json.dumps({
+        atomic.write_json(path / STATE, {
             "iteration": iteration, "consumed_samples": consumed,
             "scheduler": scheduler.state_dict(), "espace_config": args.espace_config,
-            "espace_projections": args.espace_projections}, indent=1))
-        tmp = root / f".{TRACKER}.tmp"
-        tmp.write_text(str(iteration))
-        os.replace(tmp, root / TRACKER)
+            "espace_projections": args.espace_projections})
+        atomic.write_text(root / TRACKER, str(iteration))
         shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)
     dist.barrier()
@@ -358,8 +356,6 @@ def load(args, model, optimizer, scheduler):
 
 
 def _save_rng(path: Path) -> None:
-    from safetensors.torch import save_file
-
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     states = {"cpu": torch.get_rng_state()}
@@ -367,9 +363,8 @@ def _save_rng(path: Path) -> None:
         states["cuda"] = torch.cuda.get_rng_state()
     for name, state in get_cuda_rng_tracker().get_states().items():
         states[f"tracker/{name}"] = state
-    (path / "rng").mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in states.items()},
-              str(path / "rng" / f"rank{dist.get_rank()}.safetensors"))
+    atomic.save_safetensors(path / "rng" / f"rank{dist.get_rank()}.safetensors",
+                            {k: v.contiguous() for k, v in states.items()})
 
 
 def _load_rng(path: Path) -> None:
