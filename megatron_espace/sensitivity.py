@@ -18,6 +18,9 @@
    report and the curve as a PNG.
 
 Every measurement is cached in ``--cache`` (JSON) as soon as it is made; a rerun resumes.
+The cache is keyed on the content of what the measurements depend on (:func:`fingerprint`:
+the checkpoint, the projections, the evaluation set, the layers and ranks); a cache made
+from other inputs is refused, naming what differs, unless ``--overwrite`` discards it.
 """
 
 import argparse
@@ -40,12 +43,14 @@ class SensitivityStudy:
     ``evaluate(model) -> float`` must return the same validation loss on every rank
     (collective). ``layers`` maps every selected layer of the whole model (all pipeline
     stages) to its rank; the model's own stage holds some of them. ``cache`` is a JSON path
-    written by rank 0 after every measurement.
+    written by rank 0 after every measurement; it is resumed only when it holds the same
+    ``fingerprint`` (else ``ValueError`` naming the fields that differ), and ignored (then
+    overwritten) with ``overwrite``.
     """
 
     def __init__(self, model, projections, layers: Dict[str, int],
                  evaluate: Callable[[torch.nn.Module], float], cache=None,
-                 fingerprint: Optional[dict] = None):
+                 fingerprint: Optional[dict] = None, overwrite: bool = False):
         from megatron_espace.surgery import as_espace_layers
 
         self.model, self.projections, self.layers = model, projections, dict(layers)
@@ -54,7 +59,8 @@ class SensitivityStudy:
         self.fingerprint = fingerprint or {}
         self.results = {"fingerprint": self.fingerprint, "baseline": None, "single": {},
                         "progressive": []}
-        self._load()
+        if not overwrite:
+            self._load()
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -69,8 +75,12 @@ class SensitivityStudy:
         if data is None:
             return
         if data.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"{self.cache}: this cache belongs to another study "
-                             f"({data.get('fingerprint')}); remove it or pass another --cache")
+            from megatron_espace.fingerprint import differences
+
+            what = "; ".join(differences(data.get("fingerprint"), self.fingerprint))
+            raise ValueError(f"{self.cache}: this cache belongs to another study ({what}); "
+                             "pass --overwrite to measure again, or another --cache / "
+                             "--out-config")
         self.results = data
 
     def _save(self):
@@ -280,6 +290,8 @@ def parse_args(argv=None):
     g.add_argument("--layer-compression", type=float, default=None,
                    help="override the config: L = largest power of two meeting this per layer")
     g.add_argument("--cache", default=None, help="JSON of measurements (default: OUT.json)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard a --cache made from other inputs instead of refusing it")
     g.add_argument("--out-config", required=True, help="the ESPACE config YAML to write")
     rule = g.add_mutually_exclusive_group(required=True)
     rule.add_argument("--target-compression", type=float)
@@ -337,11 +349,13 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"{args.espace_projections}: no projections for {missing[:3]} "
                          f"(the file has {projections.layers()[:3]}...): made for another model?")
-    study = SensitivityStudy(
-        model, projections, layers, lambda m: evaluate(m, micro, args),
-        cache=args.cache or f"{args.out_config}.json",
-        fingerprint={"load": str(args.load), "projections": str(args.espace_projections),
-                     "layers": layers, "eval_samples": samples})
+    try:
+        study = SensitivityStudy(
+            model, projections, layers, lambda m: evaluate(m, micro, args),
+            cache=args.cache or f"{args.out_config}.json", overwrite=args.overwrite,
+            fingerprint=fingerprint(args, layers, samples, tokenizer.vocab_size))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     rank0 = dist.get_rank() == 0
     results = study.run(progress=print if rank0 else None)
     ranking = study.ranking()
@@ -359,6 +373,24 @@ def main(argv=None) -> int:
         print(f"wrote {args.out_config} (+ .md, .png)")
     runtime.destroy()
     return 0
+
+
+def fingerprint(args, layers: Dict[str, int], samples: int, vocab_size: int) -> dict:
+    """What the study's measurements depend on, by content: the checkpoint (path, iteration,
+    metadata digest), the projections file (digest of the file, or of its index and parts),
+    the evaluation set (each prefix's ``.idx`` digest and ``.bin`` size, split, sequence
+    length, sample count, seed) and the layers with their ranks."""
+    from megatron_espace import fingerprint as fp
+    from megatron_espace.data import parse_data_path
+
+    prefixes, weights = parse_data_path(args.data_path)
+    return {"checkpoint": fp.checkpoint(arguments.checkpoint_dir(args.load)),
+            "projections": {"path": str(Path(args.espace_projections).resolve()),
+                            "content": fp.content_digest(args.espace_projections)},
+            "data": {"prefixes": {str(i): fp.dataset(p) for i, p in enumerate(prefixes)},
+                     "weights": weights, "split": args.split, "seq_length": args.seq_length,
+                     "samples": samples, "seed": args.seed, "vocab_size": vocab_size},
+            "layers": dict(sorted(layers.items()))}
 
 
 @torch.no_grad()

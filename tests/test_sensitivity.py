@@ -3,7 +3,9 @@ progressive curve starting at the baseline, and the selection rules."""
 
 import json
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,15 +35,15 @@ def trained(megatron_tp1):
 
 
 class Counter:
-    def __init__(self):
+    def __init__(self, batch=8, seeds=(11, 12)):
         self.calls = 0
-        self.batches = [token_batch(batch=8, seed=s) for s in (11, 12)]
+        self.batches = [token_batch(batch=batch, seed=s) for s in seeds]
 
     def __call__(self, model):
         self.calls += 1
         with torch.no_grad():
             return sum(model(t, p, None, labels=lab).float().mean().item()
-                       for t, p, lab in self.batches) / 2
+                       for t, p, lab in self.batches) / len(self.batches)
 
 
 def _study(trained, tmp_path, evaluate):
@@ -128,3 +130,64 @@ def test_written_config_is_consumed_directly(trained, tmp_path):
                "progressive": _curve([2.7, 2.8, 2.9, 3.0], [0, .1, .2, .3])}
     text = report(results, ranking, 2, "--target-compression 0.2")
     assert "**chosen**" in text and "Chosen by --target-compression 0.2: 2 layers" in text
+
+
+def _dataset(prefix, texts):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for text in texts:
+        builder.add_document(torch.tensor(list(text.encode()), dtype=torch.int64), [len(text)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_cache_is_keyed_on_content_not_paths(trained, tmp_path):
+    """Replacing the projections file (or the data, or the checkpoint) at the same path makes
+    the cache stale: refused, naming what differs; --overwrite measures again."""
+    from types import SimpleNamespace
+
+    from megatron_espace import checkpointing
+    from megatron_espace.sensitivity import fingerprint
+    from tests.common import random_projections
+
+    model, projs = trained
+    path, ckpt, prefix = tmp_path / "p.safetensors", tmp_path / "ckpt", tmp_path / "text"
+    projs.save(path)
+    tiny = gpt_model(transformer_config(num_layers=1, hidden_size=32, ffn_hidden_size=32))
+    checkpointing.save({"model": checkpointing.model_sharded_state_dict(tiny)}, ckpt)
+    _dataset(prefix, ["one document", "and another"])
+    args = SimpleNamespace(load=str(ckpt), espace_projections=str(path),
+                           data_path=[str(prefix)], split="90,10,0", seq_length=32, seed=1)
+    layers = {projs.layers()[0]: 16}
+    key = fingerprint(args, layers, 16, 128)
+    assert fingerprint(args, layers, 16, 128) == key
+
+    first = SensitivityStudy(model, projs, layers, Counter(2, (11,)), cache=tmp_path / "c.json",
+                             fingerprint=key).run()
+    other = random_projections(model, METHODS, seed=5)  # another calibration, same path
+    other.save(path)
+    stale = fingerprint(args, layers, 16, 128)
+    with pytest.raises(ValueError, match=r"another study \(projections.content: \w+ -> \w+\); "
+                                         r"pass --overwrite"):
+        SensitivityStudy(model, other, layers, Counter(), cache=tmp_path / "c.json",
+                         fingerprint=stale)
+    again = Counter(2, (11,))
+    redone = SensitivityStudy(model, other, layers, again, cache=tmp_path / "c.json",
+                              fingerprint=stale, overwrite=True).run()
+    assert again.calls == 1 + len(METHODS) + 1 and redone["single"] != first["single"]
+    assert json.loads((tmp_path / "c.json").read_text())["fingerprint"] == stale
+
+    _dataset(prefix, ["one document", "and other text"])  # re-preprocessed in place
+    assert fp_differences(stale, fingerprint(args, layers, 16, 128)) == [
+        "data.prefixes.0.idx", "data.prefixes.0.bin_bytes"]
+    checkpointing.save({"model": checkpointing.model_sharded_state_dict(tiny)},
+                       tmp_path / "ckpt2")  # the same weights saved again: another save
+    os.rename(ckpt, tmp_path / "old")
+    os.rename(tmp_path / "ckpt2", ckpt)
+    assert "checkpoint.metadata" in fp_differences(stale, fingerprint(args, layers, 16, 128))
+
+
+def fp_differences(a, b):
+    from megatron_espace.fingerprint import differences
+
+    return sorted((d.split(":")[0] for d in differences(a, b)), key=lambda s: "idx" not in s)
