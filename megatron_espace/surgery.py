@@ -259,7 +259,9 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     An ESPACE layer counts ``L·(K+N)`` (``P`` and ``Pᵀ W``) plus its bias in place of ``K·N``.
     Returns ``{"total", "gemm", "gemm_dense", "embedding", "output_layer", "other"}``: the
     candidate linear layers as they are and as they would be dense, the embeddings, an untied
-    output layer, and the rest (norms). Collective over the pipeline-parallel group.
+    output layer, and the rest (norms). Collective over the pipeline-parallel group. With
+    tied embeddings the last pipeline stage's copy of the embedding (megatron's
+    ``output_layer.weight`` marked ``shared_embedding``) is not counted again.
     """
     from megatron.core import parallel_state
 
@@ -271,7 +273,8 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     parts = {"embedding": 0, "output_layer": 0, "other": 0}
     for name, p in model.named_parameters():
-        if id(p) in layer_params:
+        if id(p) in layer_params or (name.startswith("output_layer.")
+                                     and getattr(p, "shared_embedding", False)):
             continue
         part = ("embedding" if name.startswith("embedding.") else
                 "output_layer" if name.startswith("output_layer.") else "other")

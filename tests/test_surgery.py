@@ -197,15 +197,15 @@ def test_gpt_with_espace_trains_at_tp2_like_tp1(megatron_tp1):
         torch.testing.assert_close(res["losses"], tp1["losses"], rtol=2e-5, atol=0)
 
 
-def _count(tp):
+def _count(tp, pp=1, tied=False):
     from megatron_espace import runtime
 
-    runtime.initialize(tensor_model_parallel_size=tp)
-    return _count_in_process(tp)
+    runtime.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return _count_in_process(tp, pp, tied)
 
 
-def _count_in_process(tp):
-    model = gpt_model(transformer_config(tp=tp))
+def _count_in_process(tp, pp=1, tied=False):
+    model = gpt_model(transformer_config(tp=tp, pp=pp), share_embeddings_and_output_weights=tied)
     before = espace.count_parameters(model)
     espace.apply_espace(model, espace.ESPACEConfig.from_dict(ALL_FOUR), random_projections(model))
     return {"before": before, "after": espace.count_parameters(model)}
@@ -224,6 +224,16 @@ def test_count_parameters_by_the_paper_formula(megatron_tp1):
     assert res["after"]["gemm_dense"] == res["before"]["gemm"] == 2 * (dense_gemm + biases)
     assert res["after"]["total"] == dense - 2 * (dense_gemm - espace_gemm)
     for r in run_distributed(_count, nprocs=2, tp=2):
+        assert r == res
+
+
+def test_count_parameters_with_tied_embeddings_is_pipeline_invariant(megatron_tp1):
+    """The last stage's copy of a tied embedding is not counted twice (PP=2 == PP=1)."""
+    res = _count_in_process(1, tied=True)
+    dense = sum(p.numel() for p in gpt_model(
+        transformer_config(), share_embeddings_and_output_weights=True).parameters())
+    assert res["before"]["total"] == dense and res["before"]["output_layer"] == 0
+    for r in run_distributed(_count, nprocs=2, tp=1, pp=2, tied=True):
         assert r == res
 
 
