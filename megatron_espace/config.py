@@ -10,6 +10,8 @@ YAML or dict (DESIGN section 5)::
       - match: "decoder.layers.*.mlp.linear_fc1"
         rank: 256                   # or  compression: 0.5
         method: go_mse              # or  auto
+    rank_multiple: 64               # compression: X -> the largest multiple of 64 reaching X
+                                    # (or  pow2: the largest power of two reaching X)
 
 Every error is an :class:`ConfigError` naming the file (when there is one) and the
 field, e.g. ``espace.yaml: layers[1].rank: must be a positive integer, got -4``.
@@ -29,6 +31,11 @@ METHODS = ("mse", "nmse", "go_mse", "go_mse_l2", "nl_mse", "nl_mse_l2")
 BASELINES = ("weight_svd",)
 KNOWN_METHODS = METHODS + BASELINES
 AUTO = "auto"
+#: ``rank_multiple``: a ``compression:`` rule's rank is a multiple of this (64 fills the 64-wide
+#: reduction and output tiles of bf16 tensor-core GEMMs, so no tile runs part-empty), or
+#: with ``pow2`` a power of two
+RANK_MULTIPLE = 64
+POW2 = "pow2"
 
 
 class ConfigError(ValueError):
@@ -61,6 +68,7 @@ class ESPACEConfig:
     layers: List[LayerRule]
     calibration: CalibrationConfig = CalibrationConfig()
     source: str = "<dict>"  # the file it came from, for error messages
+    rank_multiple: object = RANK_MULTIPLE  # int >= 1, or POW2
 
     @classmethod
     def from_yaml(cls, path) -> "ESPACEConfig":
@@ -82,7 +90,11 @@ class ESPACEConfig:
 
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the config must be a mapping with a 'layers' list")
-        _no_unknown(data, {"calibration", "layers"}, "", fail)
+        _no_unknown(data, {"calibration", "layers", "rank_multiple"}, "", fail)
+        multiple = data.get("rank_multiple", RANK_MULTIPLE)
+        if multiple != POW2 and (isinstance(multiple, bool) or not isinstance(multiple, int)
+                                 or multiple < 1):
+            fail("rank_multiple", f"must be a positive integer or {POW2!r}, got {multiple!r}")
 
         calib = data.get("calibration") or {}
         if not isinstance(calib, dict):
@@ -133,7 +145,8 @@ class ESPACEConfig:
             if method != AUTO and method not in methods:
                 fail(f"{field}.method", f"{method!r} is not in calibration.methods {methods}")
             rules.append(LayerRule(match, rank, None if comp is None else float(comp), method, i))
-        return cls(rules, CalibrationConfig(tuple(methods), dtype, float(skip)), source)
+        return cls(rules, CalibrationConfig(tuple(methods), dtype, float(skip)), source,
+                   multiple)
 
     def rule_for(self, name: str) -> Optional[LayerRule]:
         """The first rule whose glob matches ``name``, or None."""

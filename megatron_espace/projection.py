@@ -6,6 +6,8 @@ plus ``P`` K×L).
 """
 
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_espace.atomic import save_safetensors
+from megatron_espace.config import POW2, RANK_MULTIPLE
 
 
 def layer_compression(k: int, n: int, rank: int) -> float:
@@ -21,17 +24,27 @@ def layer_compression(k: int, n: int, rank: int) -> float:
     return 1.0 - rank * (k + n) / (k * n)
 
 
-def rank_for_compression(k: int, n: int, compression: float) -> int:
-    """The largest power of two ``L`` with ``layer_compression(k, n, L) >= compression``.
+def rank_for_compression(k: int, n: int, compression: float,
+                         multiple=RANK_MULTIPLE) -> int:
+    """The largest ``L`` with ``layer_compression(k, n, L) >= compression`` that is a
+    multiple of ``multiple`` (or, with ``multiple="pow2"``, a power of two): the compression
+    reached is at least the target and as close to it as that granularity allows.
 
-    Raises ``ValueError`` when even ``L = 1`` misses the target.
+    Raises ``ValueError`` saying what the target needs when no such ``L`` reaches it.
     """
     if not 0.0 < compression < 1.0:
         raise ValueError(f"compression must lie in (0, 1), got {compression}")
-    limit = (1.0 - compression) * k * n / (k + n)
+    limit = math.floor((1 - Fraction(compression)) * k * n / (k + n))  # exact: L(K+N) <= (1-c)KN
     if limit < 1:
         raise ValueError(f"no rank reaches compression {compression} for K={k}, N={n}")
-    return 1 << (int(limit).bit_length() - 1)
+    if multiple == POW2:
+        return 1 << (limit.bit_length() - 1)
+    rank = limit - limit % multiple
+    if rank < 1:
+        raise ValueError(f"compression {compression} needs L <= {limit} for K={k}, N={n}, "
+                         f"below rank_multiple {multiple}: set a smaller rank_multiple (or "
+                         f"{POW2}), or give the rank")
+    return rank
 
 
 def orthonormality_error(proj: torch.Tensor) -> float:

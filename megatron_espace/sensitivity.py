@@ -211,19 +211,25 @@ def write_config(path, ranking: List[dict], count: int, methods) -> None:
         data, sort_keys=False))
 
 
-def report(results: dict, ranking: List[dict], count: int, rule: str) -> str:
-    """Markdown: per-layer scores, the progressive curve, and the chosen set."""
+def report(results: dict, ranking: List[dict], count: int, rule: str,
+           compression: Optional[Dict[str, float]] = None) -> str:
+    """Markdown: per-layer scores, the progressive curve, and the chosen set.
+    ``compression``: each layer's compression at its rank, ``1 − L(K+N)/(KN)``."""
     base = results["baseline"]
     methods = sorted({m for v in results["single"].values() for m in v})
+    compression = compression or {}
     lines = [f"# ESPACE sensitivity\n\nbaseline validation loss {base:.4f} "
              f"(perplexity {math.exp(base):.3f})\n",
              "## Each layer alone, out of the box (validation perplexity)\n",
-             "| rank by harm | layer | L | " + " | ".join(methods) + " | best |",
-             "|---|---|---|" + "---|" * (len(methods) + 1)]
+             "| rank by harm | layer | L | layer compression | " + " | ".join(methods)
+             + " | best |",
+             "|---|---|---|---|" + "---|" * (len(methods) + 1)]
     for i, r in enumerate(ranking):
         cells = " | ".join(f"{math.exp(results['single'][r['layer']][m]):.3f}"
                            if m in results["single"][r["layer"]] else "" for m in methods)
-        lines.append(f"| {i + 1} | {r['layer']} | {r['rank']} | {cells} | {r['method']} |")
+        reached = (f"{compression[r['layer']]:.1%}" if r["layer"] in compression else "")
+        lines.append(f"| {i + 1} | {r['layer']} | {r['rank']} | {reached} | {cells} | "
+                     f"{r['method']} |")
     lines += ["\n## Progressive application along the ranking\n",
               "| layers | added | method | GEMM compression | model size | perplexity |",
               "|---|---|---|---|---|---|"]
@@ -288,7 +294,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-iters", type=int, default=32,
                    help="validation micro-batches per data-parallel rank")
     g.add_argument("--layer-compression", type=float, default=None,
-                   help="override the config: L = largest power of two meeting this per layer")
+                   help="override the config's ranks: per layer the largest L reaching this "
+                        "compression, a multiple of the config's rank_multiple")
     g.add_argument("--cache", default=None, help="JSON of measurements (default: OUT.json)")
     g.add_argument("--overwrite", action="store_true",
                    help="discard a --cache made from other inputs instead of refusing it")
@@ -311,7 +318,7 @@ def main(argv=None) -> int:
 
     from megatron_espace import runtime
     from megatron_espace.data import batch_iterator, build_datasets
-    from megatron_espace.projection import rank_for_compression
+    from megatron_espace.projection import layer_compression, rank_for_compression
 
     cfg = espace.ESPACEConfig.from_yaml(args.espace_config)
     projections = espace.Projections.load(args.espace_projections)
@@ -340,11 +347,13 @@ def main(argv=None) -> int:
     for name, plan in plans.items():
         for method in projections.methods(name):
             check_fits(projections, name, dataclasses.replace(plan, method=method))
-    local = {n: (rank_for_compression(p.K, p.N, args.layer_compression)
-                 if args.layer_compression else p.rank) for n, p in plans.items()}
+    local = {n: (rank_for_compression(p.K, p.N, args.layer_compression, cfg.rank_multiple)
+                 if args.layer_compression else p.rank, p.K, p.N) for n, p in plans.items()}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
-    layers = {k: v for part in gathered for k, v in part.items()}
+    shapes = {k: v for part in gathered for k, v in part.items()}
+    layers = {k: rank for k, (rank, _, _) in shapes.items()}
+    compression = {k: layer_compression(kk, n, rank) for k, (rank, kk, n) in shapes.items()}
     missing = [n for n in layers if n not in projections.layers()]
     if missing:
         raise SystemExit(f"{args.espace_projections}: no projections for {missing[:3]} "
@@ -366,7 +375,7 @@ def main(argv=None) -> int:
                    args.inflection)
     if rank0:
         write_config(args.out_config, ranking, count, projections.methods(ranking[0]["layer"]))
-        text = report(results, ranking, count, rule)
+        text = report(results, ranking, count, rule, compression)
         atomic.write_text(Path(args.out_config).with_suffix(".md"), text)
         plot(results, count, Path(args.out_config).with_suffix(".png"))
         print(text)

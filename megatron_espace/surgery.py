@@ -26,7 +26,7 @@ from megatron_espace.layers import (
     ESPACEColumnParallelLinear,
     ESPACERowParallelLinear,
 )
-from megatron_espace.projection import Projections, rank_for_compression
+from megatron_espace.projection import Projections, layer_compression, rank_for_compression
 
 _ESPACE_CLASS = {ColumnParallelLinear: ESPACEColumnParallelLinear,
                  RowParallelLinear: ESPACERowParallelLinear}
@@ -34,13 +34,20 @@ _ESPACE_CLASS = {ColumnParallelLinear: ESPACEColumnParallelLinear,
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """What ``apply_espace`` does to one layer. ``K`` input, ``N`` output features (full)."""
+    """What ``apply_espace`` does to one layer. ``K`` input, ``N`` output features (full);
+    ``target``: the rule's ``compression`` (None for a ``rank`` rule)."""
 
     kind: str  # "column" | "row"
     K: int
     N: int
     rank: int
     method: str
+    target: Optional[float] = None
+
+    @property
+    def compression(self) -> float:
+        """The layer compression this rank reaches, ``1 − L(K+N)/(KN)``."""
+        return layer_compression(self.K, self.N, self.rank)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,13 +129,13 @@ def plan_espace(model: torch.nn.Module, cfg: ESPACEConfig,
                 raise cfg.error(rule, "rank", f"{rank} >= K={k} (input features) of '{name}'")
         else:
             try:
-                rank = rank_for_compression(k, n, rule.compression)
+                rank = rank_for_compression(k, n, rule.compression, cfg.rank_multiple)
             except ValueError as e:
                 raise cfg.error(rule, "compression", f"{e} ('{name}')") from None
         method = rule.method
         if method == AUTO:
             method = (projections.chosen.get(name) if projections is not None else None) or AUTO
-        plans[name] = LayerPlan(_kind(module), k, n, rank, method)
+        plans[name] = LayerPlan(_kind(module), k, n, rank, method, rule.compression)
     _check_every_rule_matched(cfg, hits, layers)
     return plans
 

@@ -124,7 +124,9 @@ def run(args) -> dict:
             espace.export_compressed(model)
         if rank0:
             print(f"ESPACE on {len(plans)} layers of this stage"
-                  + (" (compressed inference form)" if args.espace_compressed else ""))
+                  + (" (compressed inference form)" if args.espace_compressed else "")
+                  + (f", layer compression {min(p.compression for p in plans.values()):.1%}"
+                     f" to {max(p.compression for p in plans.values()):.1%}" if plans else ""))
     ddp, optimizer, scheduler = _wrap(model, args)
     counts = espace.count_parameters(model)
     if rank0:

@@ -20,6 +20,7 @@ layers:
   - match: "decoder.layers.*"
     compression: 0.5
     method: mse
+rank_multiple: pow2
 """
 
 

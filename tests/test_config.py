@@ -26,6 +26,9 @@ def test_good_config_parses_and_first_match_wins(tmp_path):
     rule = cfg.rule_for("decoder.layers.3.mlp.linear_fc2")
     assert (rule.compression, rule.method, rule.index) == (0.5, "auto", 1)
     assert cfg.rule_for("decoder.layers.3.self_attention.linear_qkv") is None
+    assert cfg.rank_multiple == 64  # the default
+    assert espace.ESPACEConfig.from_dict({**GOOD, "rank_multiple": "pow2"}).rank_multiple == "pow2"
+    assert espace.ESPACEConfig.from_dict({**GOOD, "rank_multiple": 8}).rank_multiple == 8
 
 
 def _with(**changes):
@@ -58,6 +61,10 @@ def _with(**changes):
     (_with(layers=[]), r"layers: must be a non-empty list"),
     (_with(layers=["x"]), r"layers\[0\]: must be a mapping"),
     ([1, 2], r"the config must be a mapping"),
+    (_with(rank_multiple=0), r"rank_multiple: must be a positive integer or 'pow2', got 0"),
+    (_with(rank_multiple="pow3"), r"rank_multiple: must be a positive integer or 'pow2'"),
+    (_with(rank_multiple=True), r"rank_multiple: must be a positive integer or 'pow2'"),
+    (_with(rank_multiple=16.0), r"rank_multiple: must be a positive integer or 'pow2'"),
 ])
 def test_bad_fields_name_the_field(data, field):
     with pytest.raises(espace.ConfigError, match=r"^my\.yaml: " + field):

@@ -128,8 +128,10 @@ def test_written_config_is_consumed_directly(trained, tmp_path):
     assert len(plans) == 3 and {p.method for p in plans.values()} == {"nmse"}
     results = {"baseline": 1.0, "single": {r["layer"]: {"nmse": 1.1} for r in ranking},
                "progressive": _curve([2.7, 2.8, 2.9, 3.0], [0, .1, .2, .3])}
-    text = report(results, ranking, 2, "--target-compression 0.2")
+    text = report(results, ranking, 2, "--target-compression 0.2",
+                  {r["layer"]: 0.53125 for r in ranking})
     assert "**chosen**" in text and "Chosen by --target-compression 0.2: 2 layers" in text
+    assert "| L | layer compression |" in text and f"| {ranking[0]['layer']} | 8 | 53.1% |" in text
 
 
 def _dataset(prefix, texts):

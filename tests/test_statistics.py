@@ -1,5 +1,6 @@
 """Streaming statistics against their explicit formulas in float64."""
 
+import pytest
 import torch
 
 from megatron_espace.projection import layer_compression, rank_for_compression, sorted_eigh
@@ -35,15 +36,37 @@ def test_sorted_eigh_orders_and_fixes_signs():
     assert torch.all(psd_vals[:-1] >= psd_vals[1:])
 
 
-def test_rank_for_compression_is_the_largest_power_of_two_meeting_the_target():
-    # K = N = 1024 at 50%: L(K+N) <= KN/2 -> L <= 256
+def test_rank_for_compression_reaches_the_target_as_closely_as_the_granularity_allows():
+    # K = N = 1024 at 50%: L(K+N) <= KN/2 -> L <= 256, exactly 50% either way
     assert rank_for_compression(1024, 1024, 0.5) == 256
+    assert rank_for_compression(1024, 1024, 0.5, "pow2") == 256
     assert layer_compression(1024, 1024, 256) == 0.5
-    # K=4096, N=16384 (fc2-like, transposed): limit 0.5*K*N/(K+N) = 1638.4 -> 1024
-    assert rank_for_compression(4096, 16384, 0.5) == 1024
-    for k, n, c in [(64, 128, 0.5), (100, 300, 0.3), (4096, 4096, 0.75)]:
-        r = rank_for_compression(k, n, c)
+    # K=4096, N=16384 (fc2-like, transposed): limit 0.5*K*N/(K+N) = 1638.4
+    assert rank_for_compression(4096, 16384, 0.5) == 1600  # 50.2%
+    assert rank_for_compression(4096, 16384, 0.5, "pow2") == 1024  # 68.7%
+    # SmolLM2-135M's attention output (K=N=576) at 25%: limit 216
+    assert rank_for_compression(576, 576, 0.25) == 192  # 33.3% (a power of two: 128, 55.6%)
+    assert rank_for_compression(576, 576, 0.25, 8) == 216  # exactly 25%
+    assert rank_for_compression(576, 576, 0.25, "pow2") == 128
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        k, n = (int(x) for x in torch.randint(64, 8192, (2,), generator=g))
+        c = float(torch.rand((), generator=g)) * 0.9 + 0.05
+        for multiple in (1, 8, 64, 128):
+            try:
+                r = rank_for_compression(k, n, c, multiple)
+            except ValueError as e:  # only when no multiple of it reaches the target
+                assert layer_compression(k, n, multiple) < c, (k, n, c, multiple)
+                assert f"below rank_multiple {multiple}" in str(e)
+                continue
+            assert r % multiple == 0  # reached, and one step more would miss it
+            assert layer_compression(k, n, r) >= c > layer_compression(k, n, r + multiple)
+        r = rank_for_compression(k, n, c, "pow2")
+        assert r & (r - 1) == 0
         assert layer_compression(k, n, r) >= c > layer_compression(k, n, 2 * r)
+    with pytest.raises(ValueError, match=r"compression 0.5 needs L <= 21 for K=64, N=128, "
+                                         r"below rank_multiple 64: set a smaller"):
+        rank_for_compression(64, 128, 0.5)
 
 
 def test_blocked_gram_equals_the_product():

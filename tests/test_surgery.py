@@ -15,7 +15,7 @@ ALL_FOUR = {"layers": [
     {"match": "*.linear_proj", "rank": 32, "method": "mse"},
     {"match": "*.linear_fc1", "compression": 0.5, "method": "mse"},
     {"match": "*.linear_fc2", "rank": 64, "method": "mse"},
-]}
+], "rank_multiple": 8}
 
 
 def test_apply_espace_converts_the_four_kinds_in_place(megatron_tp1):
@@ -29,8 +29,9 @@ def test_apply_espace_converts_the_four_kinds_in_place(megatron_tp1):
         f"decoder.layers.{i}.{m}" for i in range(2)
         for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
                   "mlp.linear_fc2"))
-    # K=64, N=128 at compression 0.5: L <= 0.5*64*128/192 = 21.3 -> 16
-    assert plans["decoder.layers.0.mlp.linear_fc1"].rank == 16
+    # K=64, N=128 at compression 0.5: L <= 0.5*64*128/192 = 21.3 -> 16 (rank_multiple 8)
+    fc1 = plans["decoder.layers.0.mlp.linear_fc1"]
+    assert (fc1.rank, fc1.target, fc1.compression) == (16, 0.5, 1 - 16 * 192 / (64 * 128))
     layers = linear_layers(model)
     for name, plan in plans.items():
         layer = layers[name]

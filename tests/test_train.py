@@ -103,7 +103,8 @@ def test_baseline_to_espace_retraining(data):
     run_distributed(_train, nprocs=1, argv=_argv(data, "--train-iters", "4", "--save",
                                                   str(base)))
     (data / "espace.yaml").write_text(
-        "layers:\n  - match: 'decoder.layers.*'\n    compression: 0.5\n    method: mse\n")
+        "layers:\n  - match: 'decoder.layers.*'\n    compression: 0.5\n    method: mse\n"
+        "rank_multiple: pow2\n")
     run_distributed(_calibrate_random, nprocs=1, root=str(data),
                     argv=_argv(data, "--train-iters", "1"))
     esp = data / "esp"
