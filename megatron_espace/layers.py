@@ -10,15 +10,36 @@ parameter, never seen by the optimizer or DDP.
 Tensor parallelism (DESIGN section 2), with ``projected_linear`` computing
 ``Z = x P``, ``A = W P``, ``Ŷ = Z Aᵀ``:
 
-* column-parallel: ``P`` is replicated. The input is replicated, so ``dZ`` is
-  all-reduced (L wide instead of K); under sequence parallelism ``Z`` is
-  all-gathered along the sequence (L wide) and ``dZ`` reduce-scattered.
+* column-parallel: ``P`` is replicated. Under sequence parallelism ``Z`` is
+  all-gathered along the sequence (L wide instead of K) and ``dZ``
+  reduce-scattered.
 * row-parallel: rank r holds the rows ``P_r`` of ``P`` matching its K-slice of
-  the input. ``Z = Σ_r x_r P_r`` is one all-reduce of the L-wide ``Z`` and
-  ``A = Σ_r W_r P_r`` one all-reduce of the N×L ``A`` (independent of the token
-  count); then ``Ŷ = Z Aᵀ`` is already the full output and the layer's N-wide
-  output all-reduce disappears. Under sequence parallelism ``Z`` is
-  reduce-scattered along the sequence instead and ``dA`` all-reduced.
+  the input. ``A = Σ_r W_r P_r`` is one all-reduce of the N×L ``A`` (independent
+  of the token count). Under sequence parallelism ``Z = Σ_r x_r P_r`` is
+  reduce-scattered along the sequence, after which ``Ŷ = Z Aᵀ`` is already the
+  rank's output (no N-wide reduction); backwards ``dZ`` is all-gathered and
+  ``dA`` all-reduced.
+
+Without sequence parallelism the layers run **sequence-parallel inside**: the
+tokens ``[s, b]`` are flattened (zero-padded to a multiple of TP when they do
+not divide), a column layer splits its replicated input locally and gathers
+``dx`` back, a row layer all-gathers its token-split output (its output gradient
+is replicated, so each rank takes its slice), and in between the layer is
+exactly its sequence-parallel self. Every GEMM is then split across TP. It is
+done where it moves no more bytes than the dense layer, fwd + bwd, counted as
+ring collectives (all-reduce ``2(t-1)/t`` of the tensor, all-gather and
+reduce-scatter ``(t-1)/t`` of the full one), with ``M`` tokens:
+
+* column: ``(2L + K)·M`` against dense's ``2K·M`` (its ``dx`` all-reduce):
+  whenever ``L ≤ K/2``, which any power-of-two ``L`` below a power-of-two
+  ``K`` meets;
+* row: ``2L·M + N·M + 4N·L`` (``2N·L`` once compressed: ``A`` is not reduced)
+  against dense's ``2N·M`` (its output all-reduce): roughly ``L ≤ N/2`` for
+  ``M ≫ N``, less for short inputs.
+
+Otherwise (the rule is evaluated per call, on shapes only, the same on every
+rank) they keep the replicated form: column all-reduces ``dZ`` (L wide),
+row all-reduces ``Z`` and ``A`` and computes ``Ŷ = Z Aᵀ`` on all ``M`` tokens.
 
 ``P`` is stored in float32 (float64 for float64 weights) whatever later casts the
 module gets (``Float16Module`` casts buffers to bf16; ours is exempt, so checkpoints
@@ -30,10 +51,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.mappings import (
@@ -61,6 +85,13 @@ def _all_gather_seq(group):
 
 def _reduce_scatter_seq(group):
     return lambda t: _reduce_scatter_along_first_dim(t.contiguous(), group)
+
+
+def _flat_tokens(x: torch.Tensor, tp: int) -> torch.Tensor:
+    """``[s, b, K] -> [M', K]``: the ``M = s·b`` tokens in one dim, zero rows appended up to
+    ``M'``, the next multiple of ``tp``."""
+    flat = x.reshape(-1, x.shape[-1])
+    return F.pad(flat, (0, 0, 0, -flat.shape[0] % tp))
 
 
 def _known_kwargs(parent, kwargs):
@@ -228,9 +259,19 @@ class _ESPACEMixin:
                     tensor, key, tp_axis=axes[name], **groups)
         return sharded
 
-    def _comm(self) -> ProjectionComm:
+    def _comm(self, sequence_parallel: bool) -> ProjectionComm:
         tp, _ = self._tp_size_rank()
-        return _Collectives() if tp == 1 else self._collectives(self.tp_group)
+        return (_Collectives() if tp == 1
+                else self._collectives(self.tp_group, sequence_parallel))
+
+    def _splits_tokens(self, tokens: int) -> bool:
+        """Whether a call on ``tokens`` tokens runs sequence-parallel inside (module doc):
+        TP > 1, no sequence parallelism already, and no more bytes than the dense layer."""
+        tp, _ = self._tp_size_rank()
+        if tp == 1 or self.sequence_parallel:
+            return False
+        padded = tokens + (-tokens % tp)
+        return self._inner_sp_bytes(padded) <= self._dense_bytes(tokens)
 
     #: whether the GEMM weight is already ``A = W P`` (the compressed form)
     _precomputed = False
@@ -238,10 +279,11 @@ class _ESPACEMixin:
     def _gemm_weight(self, weight=None):
         return self.weight if weight is None else weight
 
-    def _gemm(self, x, weight=None):
+    def _gemm(self, x, weight=None, sequence_parallel=None):
         weight = self._gemm_weight(weight)
         accumulate = bool(self.gradient_accumulation_fusion) and weight is self._gemm_weight()
-        return projected_linear(x, weight, self.espace_proj, self._comm(), accumulate,
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
+        return projected_linear(x, weight, self.espace_proj, self._comm(sp), accumulate,
                                 precomputed=self._precomputed)
 
     def __repr__(self) -> str:
@@ -253,13 +295,21 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
 
     _proj_tp_axis = None
 
-    def _collectives(self, group) -> ProjectionComm:
-        if self.sequence_parallel:
+    def _collectives(self, group, sequence_parallel) -> ProjectionComm:
+        if sequence_parallel:
             return _Collectives(z_forward=_all_gather_seq(group),
                                 z_backward=_reduce_scatter_seq(group))
         if self.disable_grad_reduce:
             return _Collectives()
         return _Collectives(z_backward=_all_reduce(group))
+
+    def _dense_bytes(self, tokens):  # in elements, ring factors dropped (module doc)
+        return 2 * self.input_size * tokens
+
+    def _inner_sp_bytes(self, padded):
+        if self.disable_grad_reduce:  # the caller reduces dx: the parent moves nothing
+            return float("inf")
+        return (2 * self.projection_rank + self.input_size) * padded
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         """``input_ [s(/tp under SP), b, K] -> ([s, b, N/tp] or gathered [s, b, N], bias)``."""
@@ -271,7 +321,14 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
                 f"supplied weight's shape is {tuple(weight.shape)}, "
                 f"not {(self.output_size_per_partition, self.input_size)} as expected"
             )
-        output = self._gemm(input_, weight)
+        tokens = input_.shape[:-1].numel()
+        if self._splits_tokens(tokens):
+            flat = _flat_tokens(input_, self._tp_size_rank()[0])
+            local = scatter_to_sequence_parallel_region(flat, group=self.tp_group)
+            output = self._gemm(local, weight, sequence_parallel=True)[:tokens]
+            output = output.reshape(*input_.shape[:-1], output.shape[-1])
+        else:
+            output = self._gemm(input_, weight)
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -285,12 +342,20 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
 
     _proj_tp_axis = 0
 
-    def _collectives(self, group) -> ProjectionComm:
-        if self.sequence_parallel:
+    def _collectives(self, group, sequence_parallel) -> ProjectionComm:
+        if sequence_parallel:
             return _Collectives(z_forward=_reduce_scatter_seq(group),
                                 z_backward=_all_gather_seq(group),
                                 a_forward=_all_reduce(group), a_backward=_all_reduce(group))
         return _Collectives(z_forward=_all_reduce(group), a_forward=_all_reduce(group))
+
+    def _dense_bytes(self, tokens):  # in elements, ring factors dropped (module doc)
+        return 2 * self.output_size * tokens
+
+    def _inner_sp_bytes(self, padded):
+        n, rank = self.output_size, self.projection_rank
+        a_reductions = 2 if self._precomputed else 4  # dA (and A unless precomputed)
+        return (2 * rank + n) * padded + a_reductions * n * rank
 
     def forward(self, input_):
         """``input_ [s, b, K/tp] -> ([s(/tp under SP), b, N], bias)``."""
@@ -300,7 +365,15 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        output = self._gemm(input_parallel)
+        tokens = input_parallel.shape[:-1].numel()
+        if self._splits_tokens(tokens):
+            flat = _flat_tokens(input_parallel, self._tp_size_rank()[0])
+            local = self._gemm(flat, sequence_parallel=True)
+            output = gather_from_sequence_parallel_region(
+                local, tensor_parallel_output_grad=False, group=self.tp_group)[:tokens]
+            output = output.reshape(*input_parallel.shape[:-1], output.shape[-1])
+        else:
+            output = self._gemm(input_parallel)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None

@@ -1,5 +1,8 @@
 """Shared builders for the tests: tiny megatron configs, GPT models, random orthonormal P."""
 
+import contextlib
+import inspect
+import sys
 import zlib
 
 import torch
@@ -125,3 +128,60 @@ def pipeline_forward_backward(model, microbatches, forward_only=False):
     tokens = microbatches[0][0]
     return run_microbatches(model, micro, tokens.shape[1], tokens.shape[0], forward_only,
                             per_microbatch=True)
+
+
+def _ring_volume(name, bound, world):
+    """Bytes one rank sends in collective ``name`` with ring algorithms: all-reduce
+    ``2(n-1)/n`` of the tensor, all-gather and reduce-scatter ``(n-1)/n`` of the full one."""
+    a = bound.arguments
+    full = {
+        "all_reduce": lambda: 2 * a["tensor"].nbytes,
+        "all_gather_into_tensor": lambda: a["output_tensor"].nbytes,
+        "_all_gather_base": lambda: a["output_tensor"].nbytes,
+        "reduce_scatter_tensor": lambda: a["input"].nbytes,
+        "_reduce_scatter_base": lambda: a["input"].nbytes,
+        "all_gather": lambda: a["tensor"].nbytes * world,
+        "reduce_scatter": lambda: sum(t.nbytes for t in a["input_list"]),
+    }[name]()
+    return full * (world - 1) / world
+
+
+@contextlib.contextmanager
+def collective_bytes():
+    """Count what this rank sends through torch.distributed's collectives while active.
+
+    Yields a dict ``{"bytes": float, "calls": [(name, bytes)]}``. Wraps the functions of
+    ``torch.distributed`` and every module-level alias megatron took of them at import
+    (``mappings.dist_all_gather_func`` ...), so the layers' own calls are the ones counted.
+    """
+    import torch.distributed as dist
+
+    names = ["all_reduce", "all_gather_into_tensor", "_all_gather_base",
+             "reduce_scatter_tensor", "_reduce_scatter_base", "all_gather", "reduce_scatter"]
+    counts = {"bytes": 0.0, "calls": []}
+    wrappers = {}
+    for name in names:
+        original = getattr(dist, name)
+
+        def wrapped(*args, _name=name, _original=original, **kwargs):
+            bound = inspect.signature(_original).bind(*args, **kwargs)
+            world = dist.get_world_size(bound.arguments.get("group"))
+            volume = _ring_volume(_name, bound, world)
+            counts["bytes"] += volume
+            counts["calls"].append((_name, volume))
+            return _original(*args, **kwargs)
+
+        wrappers[original] = wrapped
+    patched = []
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith(("megatron", "torch.distributed")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if inspect.isfunction(value) and value in wrappers:
+                patched.append((module, attr, value))
+                setattr(module, attr, wrappers[value])
+    try:
+        yield counts
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)

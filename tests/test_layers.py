@@ -5,26 +5,40 @@ import itertools
 import pytest
 import torch
 
-from tests.common import orthonormal, transformer_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.common import collective_bytes, orthonormal, transformer_config
 from tests.harness import run_distributed
 
-SHAPES = [(64, 96, 16), (96, 64, 32), (64, 64, 64)]  # (K, N, L)
-S, B = 8, 3  # sequence, micro-batch: M = 24 tokens
+# (K, N, L) at S·B = 64 tokens: both layouts split every GEMM across TP (in-layer sequence
+# parallelism without SP), and move fewer bytes than the dense layer
+SHAPES = [(64, 96, 8), (96, 64, 8)]
+S, B = 16, 4  # sequence, micro-batch: M = 64 tokens
 
 
 def _cases():
-    for kind, sp, bias, skip, (k, n, l) in itertools.product(
-        ["column", "row"], [False, True], [True, False], [False, True], SHAPES
-    ):
-        if skip and not bias:
-            continue
+    for kind, sp, (k, n, l) in itertools.product(["column", "row"], [False, True], SHAPES):
+        yield dict(kind=kind, sp=sp, bias=True, skip_bias_add=False, K=k, N=n, L=l)
+    k, n, l = SHAPES[0]
+    for kind, sp, (bias, skip) in itertools.product(["column", "row"], [False, True],
+                                                    [(False, False), (True, True)]):
         yield dict(kind=kind, sp=sp, bias=bias, skip_bias_add=skip, K=k, N=n, L=l)
-    # the fallbacks: gathered output (column), replicated input (row)
-    for k, n, l in SHAPES[:1]:
-        yield dict(kind="column", sp=False, bias=True, skip_bias_add=False, K=k, N=n, L=l,
-                   gather_output=True)
-        yield dict(kind="row", sp=False, bias=True, skip_bias_add=False, K=k, N=n, L=l,
-                   input_is_parallel=False)
+    # gathered output (column), replicated input (row)
+    yield dict(kind="column", sp=False, bias=True, skip_bias_add=False, K=k, N=n, L=l,
+               gather_output=True)
+    yield dict(kind="row", sp=False, bias=True, skip_bias_add=False, K=k, N=n, L=l,
+               input_is_parallel=False)
+    # a token count TP=4 does not divide: padded inside the layer (66 -> 68 tokens)
+    yield dict(kind="column", sp=False, bias=True, skip_bias_add=False, K=k, N=n, L=l,
+               S=33, B=2)
+    yield dict(kind="row", sp=False, bias=True, skip_bias_add=False, K=k, N=n, L=4,
+               S=33, B=2)
+    # where in-layer SP would move more bytes than dense, the replicated form is kept:
+    # column with L > K/2 (17% compression), row with few tokens for its N·L
+    yield dict(kind="column", sp=False, bias=True, skip_bias_add=False, K=64, N=192, L=40,
+               replicated=True)
+    yield dict(kind="row", sp=False, bias=True, skip_bias_add=False, K=192, N=64, L=16,
+               replicated=True)
 
 
 def _name(c):
@@ -52,10 +66,11 @@ def _build(case, tp, dtype, espace=True):
 def _full_tensors(case, dtype):
     g = torch.Generator().manual_seed(case["K"] * 1000 + case["N"] + case["L"])
     k, n = case["K"], case["N"]
+    seq, mb = case.get("S", S), case.get("B", B)
     w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
     b = torch.randn(n, generator=g, dtype=torch.float64)
-    x = torch.randn(S, B, k, generator=g, dtype=torch.float64)
-    gy = torch.randn(S, B, n, generator=g, dtype=torch.float64)
+    x = torch.randn(seq, mb, k, generator=g, dtype=torch.float64)
+    gy = torch.randn(seq, mb, n, generator=g, dtype=torch.float64)
     p = orthonormal(k, case["L"], seed=case["L"])
     return [t.to(dtype) for t in (w, b, x, gy, p)]
 
@@ -64,7 +79,8 @@ def _local_slices(case, tp, rank):
     """Which parts of the full W, x, output and dx this rank holds."""
     full = slice(None)
     k, n = case["K"], case["N"]
-    seq = slice(rank * S // tp, (rank + 1) * S // tp) if case["sp"] and tp > 1 else full
+    seq = case.get("S", S)
+    seq = slice(rank * seq // tp, (rank + 1) * seq // tp) if case["sp"] and tp > 1 else full
     if case["kind"] == "column":
         cols = slice(rank * n // tp, (rank + 1) * n // tp)
         out_cols = full if case.get("gather_output") else cols
@@ -86,12 +102,13 @@ def run_case(case, tp, rank, dtype=torch.float64, espace=True):
     if espace:
         layer.set_projection(p)
     x_local = x[sl["x"]].clone().requires_grad_(True)
-    out, out_bias = layer(x_local)
-    if out_bias is not None:
-        assert case["skip_bias_add"] and out_bias is layer.bias
-        out = out + out_bias
     gy_local = gy[sl["y"]]
-    (out * gy_local).sum().backward()
+    with FlopCounterMode(display=False) as flops, collective_bytes() as sent:
+        out, out_bias = layer(x_local)
+        if out_bias is not None:
+            assert case["skip_bias_add"] and out_bias is layer.bias
+            out = out + out_bias
+        out.backward(gy_local)
 
     # float64 dense reference, from the full tensors: Ŷ = x P Pᵀ Wᵀ + b
     w64, b64, x64, gy64, p64 = (t.double() for t in (w, b, x, gy, p))
@@ -99,11 +116,13 @@ def run_case(case, tp, rank, dtype=torch.float64, espace=True):
     y_ref = x64 @ pp @ w64.t() + (b64 if case["bias"] else 0)
     dx_ref = gy64 @ w64 @ pp
     dw_ref = gy64.reshape(-1, case["N"]).t() @ (x64 @ pp).reshape(-1, case["K"])
-    db_ref = gy64[sl["y"]].reshape(-1, gy64.shape[-1]).sum(0)
     if case["kind"] == "column":
         db_ref = gy64.reshape(-1, case["N"]).sum(0)[sl["b"]]
+    else:
+        db_ref = gy64[sl["y"]].reshape(-1, case["N"]).sum(0)
     result = {
         "y": out.detach(), "dx": x_local.grad, "dw": layer.weight.grad,
+        "flops": flops.get_total_flops(), "bytes": sent["bytes"],
         "err_y": (out.double() - y_ref[sl["y"]]).abs().max().item(),
         "err_dx": (x_local.grad.double() - dx_ref[sl["x"]]).abs().max().item(),
         "err_dw": (layer.weight.grad.double() - dw_ref[sl["w"]]).abs().max().item(),
@@ -113,19 +132,20 @@ def run_case(case, tp, rank, dtype=torch.float64, espace=True):
     return result
 
 
-def _tp2_all_cases(dtype_name="float64"):
+def _tp_all_cases(tp, dtypes):
+    """Every case on this rank: ESPACE in each dtype, and the dense parent (float64)."""
     import os
 
     from megatron_espace import runtime
 
-    runtime.initialize(tensor_model_parallel_size=2)
+    runtime.initialize(tensor_model_parallel_size=tp)
     rank = int(os.environ["RANK"])
-    dtype = getattr(torch, dtype_name)
     out = {}
     for i, case in enumerate(_cases()):
-        r = run_case(case, 2, rank, dtype)
-        for key, value in r.items():
-            out[f"{i}:{key}"] = value
+        for dtype_name in dtypes:
+            r = run_case(case, tp, rank, getattr(torch, dtype_name))
+            out.update({f"{i}:{dtype_name}:{key}": value for key, value in r.items()})
+        out[f"{i}:dense_bytes"] = run_case(case, tp, rank, espace=False)["bytes"]
     return out
 
 
@@ -140,23 +160,42 @@ def test_tp1_matches_float64_dense_reference(megatron_tp1, case):
     _check_errors(case, run_case(case, tp=1, rank=0), 1e-11)
 
 
-def test_tp2_matches_float64_dense_reference(megatron_tp1):
-    cases = list(_cases())
-    per_rank = run_distributed(_tp2_all_cases, nprocs=2)
-    for rank, res in enumerate(per_rank):
-        for i, case in enumerate(cases):
-            _check_errors(case, {k.split(":", 1)[1]: v for k, v in res.items()
-                                 if k.startswith(f"{i}:")}, 1e-11)
+@pytest.fixture(scope="module")
+def tp2_results():
+    return run_distributed(_tp_all_cases, nprocs=2, tp=2, dtypes=["float64", "float32"])
 
 
-def test_tp2_outputs_equal_tp1_outputs_float32(megatron_tp1):
+def _check_tp(per_rank, tp):
+    """float64 exactness, FLOPs per rank <= 1.05 x one-device / TP (split work), bytes sent
+    per rank <= the dense layer's, for every case on every rank."""
+    for i, case in enumerate(_cases()):
+        one_device = run_case(case, tp=1, rank=0)["flops"]
+        for rank, res in enumerate(per_rank):
+            got = {k.split(":", 2)[2]: v for k, v in res.items()
+                   if k.startswith(f"{i}:float64:")}
+            _check_errors(case, got, 1e-11)
+            where = f"{_name(case)} rank {rank} at TP={tp}"
+            assert 0 < got["bytes"] <= res[f"{i}:dense_bytes"], (
+                f"{where}: sent {got['bytes']:.0f} bytes, dense {res[f'{i}:dense_bytes']:.0f}")
+            if not case.get("replicated"):
+                assert got["flops"] <= 1.05 * one_device / tp, (
+                    f"{where}: {got['flops']} FLOPs, one device {one_device}")
+
+
+def test_tp2_matches_reference_splits_flops_and_sends_less_than_dense(megatron_tp1, tp2_results):
+    _check_tp(tp2_results, 2)
+
+
+def test_tp4_matches_reference_splits_flops_and_sends_less_than_dense(megatron_tp1):
+    _check_tp(run_distributed(_tp_all_cases, nprocs=4, tp=4, dtypes=["float64"]), 4)
+
+
+def test_tp2_outputs_equal_tp1_outputs_float32(megatron_tp1, tp2_results):
     """Same full W and P in float32: the gathered TP=2 outputs and grads equal TP=1's."""
-    cases = list(_cases())
-    per_rank = run_distributed(_tp2_all_cases, nprocs=2, dtype_name="float32")
-    for i, case in enumerate(cases):
+    for i, case in enumerate(_cases()):
         ref = run_case(case, tp=1, rank=0, dtype=torch.float32)
         for name in ("y", "dx", "dw"):
-            parts = [res[f"{i}:{name}"] for res in per_rank]
+            parts = [res[f"{i}:float32:{name}"] for res in tp2_results]
             sl = [_local_slices(case, 2, r) for r in range(2)]
             key = {"y": "y", "dx": "x", "dw": "w"}[name]
             full = ref[name].clone().zero_()
