@@ -10,6 +10,7 @@ usual, so retraining starts from the baseline's weights *and* Adam moments.
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,28 @@ def save(sharded_state_dict: dict, checkpoint_dir, **kwargs) -> None:
 def _barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+#: megatron's row-parallel linears of a transformer layer (the others are column-parallel)
+ROW_PARALLEL = ("linear_proj", "linear_fc2")
+
+
+def linear_shapes(checkpoint_dir) -> dict:
+    """The transformer layers' linears in a torch_dist checkpoint, from its metadata alone
+    (no tensor is read): ``{global layer name: (kind, K, N)}``, kind ``column`` or ``row``.
+
+    Weights of the transformer layers are stored stacked (``decoder.layers.X.weight``,
+    ``[layers, N, K]``) or per layer (``decoder.layers.3.X.weight``, ``[N, K]``).
+    """
+    out = {}
+    for key, value in dist_checkpointing.load_tensors_metadata(str(checkpoint_dir)).items():
+        found = re.fullmatch(r"decoder\.layers\.(?:(\d+)\.)?(.+)\.weight", key)
+        shape = tuple(getattr(value, "global_shape", ()))
+        if not found or len(shape) != (2 if found.group(1) else 3):
+            continue
+        number, module = found.groups()
+        kind = "row" if module.split(".")[-1] in ROW_PARALLEL else "column"
+        numbers = [int(number)] if number else range(shape[0])
+        for i in numbers:
+            out[f"decoder.layers.{i}.{module}"] = (kind, shape[-1], shape[-2])
+    return out

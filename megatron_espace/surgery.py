@@ -112,17 +112,31 @@ def plan_espace(model: torch.nn.Module, cfg: ESPACEConfig,
     per-layer choice in ``projections``, or a match on a Transformer Engine fused layer.
     """
     layers = linear_layers(model)
-    plans, hits = {}, [0] * len(cfg.layers)
     for name, module in layers.items():
+        rule = cfg.rule_for(name)
+        if rule is not None and _is_te_linear(module):
+            raise cfg.error(rule, "match", f"'{name}' is a Transformer Engine layer "
+                            f"({type(module).__name__}); ESPACE needs the unfused layer spec "
+                            "(megatron_espace.surgery.get_gpt_layer_espace_spec)")
+    return plan_layers(cfg, layer_shapes(model), projections)
+
+
+def layer_shapes(model: torch.nn.Module) -> Dict[str, tuple]:
+    """``{global name: (kind, K, N)}`` of the candidate linears (:func:`linear_layers`)."""
+    return {name: (_kind(m), m.input_size, m.output_size)
+            for name, m in linear_layers(model).items()}
+
+
+def plan_layers(cfg: ESPACEConfig, shapes: Dict[str, tuple],
+                projections: Optional[Projections] = None) -> Dict[str, LayerPlan]:
+    """:func:`plan_espace` on ``shapes``: ``{global layer name: (kind, K, N)}`` of the
+    candidate linears (this pipeline stage's, or a checkpoint's)."""
+    plans, hits = {}, [0] * len(cfg.layers)
+    for name, (kind, k, n) in shapes.items():
         rule = cfg.rule_for(name)
         if rule is None:
             continue
         hits[rule.index] += 1
-        if _is_te_linear(module):
-            raise cfg.error(rule, "match", f"'{name}' is a Transformer Engine layer "
-                            f"({type(module).__name__}); ESPACE needs the unfused layer spec "
-                            "(megatron_espace.surgery.get_gpt_layer_espace_spec)")
-        k, n = module.input_size, module.output_size
         if rule.rank is not None:
             rank = rule.rank
             if rank >= k:
@@ -135,8 +149,8 @@ def plan_espace(model: torch.nn.Module, cfg: ESPACEConfig,
         method = rule.method
         if method == AUTO:
             method = (projections.chosen.get(name) if projections is not None else None) or AUTO
-        plans[name] = LayerPlan(_kind(module), k, n, rank, method, rule.compression)
-    _check_every_rule_matched(cfg, hits, layers)
+        plans[name] = LayerPlan(kind, k, n, rank, method, rule.compression)
+    _check_every_rule_matched(cfg, hits, shapes)
     return plans
 
 
@@ -319,13 +333,13 @@ def layer_table(model: torch.nn.Module, gather: bool = True) -> list:
         gathered = [None] * torch.distributed.get_world_size(group)
         torch.distributed.all_gather_object(gathered, rows, group=group)
         rows = [r for part in gathered for r in part]
-    return sorted(rows, key=lambda r: _layer_order(r["layer"]))
+    return sorted(rows, key=lambda r: layer_order(r["layer"]))
 
 
 _GEMM_ORDER = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-def _layer_order(name: str):
+def layer_order(name: str):
     """Forward order: by layer number, then qkv, proj, fc1, fc2."""
     parts = name.split(".")
     number = next((int(p) for p in parts if p.isdigit()), -1)
