@@ -41,9 +41,11 @@ Otherwise (the rule is evaluated per call, on shapes only, the same on every
 rank) they keep the replicated form: column all-reduces ``dZ`` (L wide),
 row all-reduces ``Z`` and ``A`` and computes ``Ŷ = Z Aᵀ`` on all ``M`` tokens.
 
-``P`` is stored in float32 (float64 for float64 weights) whatever later casts the
-module gets (``Float16Module`` casts buffers to bf16; ours is exempt, so checkpoints
-and export keep the exact P) and is cast to the activation dtype in each GEMM.
+For training ``P`` is stored in float32 (float64 for float64 weights) whatever later
+casts the module gets (``Float16Module`` casts buffers to bf16; ours is exempt, so
+checkpoints keep the exact P) and is cast to the activation dtype in each GEMM. The
+compressed inference layers store it in the model's dtype, like ``A`` (bf16 for a bf16
+model: the GEMMs used it in that dtype anyway, and it halves P's bytes).
 """
 
 import inspect
@@ -199,11 +201,10 @@ class _ESPACEMixin:
         self.espace_proj = full
 
     def _proj_dtype(self) -> torch.dtype:
-        weight = self.weight if self.weight is not None else self.espace_weight
-        return torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
     def _apply(self, fn, recurse=True):
-        # P follows device moves but not casts (Float16Module's .bfloat16()): see module doc.
+        # P follows device moves; its dtype is _proj_dtype's after any cast (module doc).
         proj = self._buffers.get("espace_proj")
         self._buffers["espace_proj"] = None
         try:
@@ -410,6 +411,10 @@ class _CompressedMixin:
         param.allreduce = getattr(w, "allreduce", True)
         self.register_parameter("weight", None)
         self.espace_weight = param
+        self.espace_proj = self.espace_proj.to(self._proj_dtype())
+
+    def _proj_dtype(self) -> torch.dtype:
+        return self.espace_weight.dtype  # the model's dtype (module doc)
 
     _precomputed = True
 

@@ -19,9 +19,9 @@ CFG = {"layers": [
 ]}
 
 
-def espace_model(tp=1, seed=0):
+def espace_model(tp=1, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    model = gpt_model(transformer_config(tp=tp, sp=tp > 1))
+    model = gpt_model(transformer_config(tp=tp, sp=tp > 1, dtype=dtype))
     espace.apply_espace(model, espace.ESPACEConfig.from_dict(CFG), random_projections(model))
     return model
 
@@ -104,3 +104,50 @@ def test_compressed_layers_can_be_fine_tuned(megatron_tp1):
     layer = grads[1]["decoder.layers.0.mlp.linear_fc1"]
     with pytest.raises(RuntimeError, match="takes no weight argument"):
         layer(torch.randn(4, 2, 64), weight=torch.zeros(128, 64))
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_compressed_layer_stores_p_in_the_model_dtype(megatron_tp1, kind):
+    """A bf16 model's compressed layer holds P in bf16 (half its float32 bytes) and computes
+    (x P)(W P)ᵀ with it; training P stays float32; casting the compressed layer moves P along."""
+    from tests.common import orthonormal
+
+    k, n, l = 64, 96, 16
+    cls = espace.ESPACEColumnParallelLinear if kind == "column" else espace.ESPACERowParallelLinear
+    layer = cls(k, n, config=transformer_config(dtype=torch.bfloat16), bias=False,
+                init_method=lambda w: torch.nn.init.normal_(w, std=0.1), skip_bias_add=False,
+                **({} if kind == "column" else {"input_is_parallel": True}))
+    p = orthonormal(k, l, seed=3, dtype=torch.float32)
+    layer.set_projection(p)
+    assert layer.espace_proj.dtype == torch.float32  # training keeps the exact P
+    w = layer.weight.detach().double()
+    model = torch.nn.Sequential(layer)
+    assert espace.export_compressed(model) == {"0": l}
+    assert layer.espace_proj.dtype == layer.espace_weight.dtype == torch.bfloat16
+    assert layer.state_dict()["espace_proj"].nbytes == k * l * 2
+    assert torch.equal(layer.espace_proj, p.to(torch.bfloat16))
+    x = torch.randn(8, 2, k, dtype=torch.bfloat16)
+    y, _ = layer(x)
+    p64 = p.double()
+    ref = x.double() @ p64 @ (w @ p64).t()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.05)
+    assert layer.float().espace_proj.dtype == torch.float32
+
+
+def test_bf16_compressed_checkpoint_holds_bf16_p_and_reloads(megatron_tp1, tmp_path):
+    model = espace_model(dtype=torch.bfloat16)
+    espace.export_compressed(model)
+    layers = linear_layers(model)
+    assert {m.espace_proj.dtype for m in layers.values()} == {torch.bfloat16}
+    checkpointing.save({"model": checkpointing.model_sharded_state_dict(model)}, tmp_path / "c")
+    other = espace_model(seed=7, dtype=torch.bfloat16)
+    espace.export_compressed(other)
+    other.load_state_dict(checkpointing.load(
+        {"model": checkpointing.model_sharded_state_dict(other)}, tmp_path / "c")["model"])
+    for name, module in linear_layers(other).items():
+        assert torch.equal(module.espace_proj, layers[name].espace_proj), name
+        assert torch.equal(module.espace_weight, layers[name].espace_weight), name
+    float32 = espace_model()
+    espace.export_compressed(float32)
+    assert {m.espace_proj.dtype for m in linear_layers(float32).values()} == {torch.float32}
