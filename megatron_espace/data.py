@@ -8,6 +8,8 @@ train/valid/test splits with ``BlendedMegatronDatasetBuilder`` (the datasets wri
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import math
 import os
 
@@ -71,6 +73,41 @@ def _cache_lock(path_to_cache: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _content_cache(prefixes, path_to_cache: str) -> str:
+    """The index cache directory for the datasets' current contents,
+    ``path_to_cache/data-<digest of each prefix's .idx and .bin size>``.
+
+    megatron keys its cached document/sample/shuffle indices on the prefix's path, split,
+    seed and sequence length, not on the data: a prefix preprocessed again with other text
+    would reuse indices into the old documents (stale samples, then an ``IndexError``).
+    Here changed data gets new indices, and the writer says so, naming what changed.
+    """
+    from megatron_espace import atomic
+    from megatron_espace.fingerprint import dataset, differences
+
+    current = {p: dataset(p) for p in prefixes}
+    digest = hashlib.blake2b(json.dumps(sorted(current.values(), key=str)).encode(),
+                             digest_size=8).hexdigest()
+    directory = os.path.join(path_to_cache, f"data-{digest}")
+    dist = torch.distributed
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return directory
+    manifest = os.path.join(path_to_cache, "datasets.json")
+    with _cache_lock(path_to_cache):
+        with open(manifest) if os.path.isfile(manifest) else contextlib.nullcontext() as f:
+            known = json.load(f) if f else {}
+        for prefix, now in current.items():
+            before = known.get(now["prefix"])
+            if before is not None and before != now:
+                changed = ", ".join(d.split(":")[0] for d in differences(before, now))
+                print(f"--data-path {prefix}: the dataset changed since its index cache was "
+                      f"built ({changed} differ); building new indices in {directory}",
+                      flush=True)
+            known[now["prefix"]] = now
+        atomic.write_json(manifest, known)
+    return directory
+
+
 def _check_splits(prefixes, config, num_samples) -> None:
     """Refuse a split with no document but a sample count: megatron would loop forever."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -99,7 +136,8 @@ def build_datasets(data_path, *, seq_length: int, num_samples, tokenizer, split:
     holds ``tokens``, ``labels`` (shifted by one), ``position_ids`` [seq_length] int64 and
     ``loss_mask`` [seq_length] float32.
     ``tokenizer`` needs ``eod``, ``vocab_size`` and ``unique_identifiers``.
-    Index caches go to ``path_to_cache`` (default: ``cache/`` beside the first prefix).
+    Index caches go to ``path_to_cache`` (default: ``cache/`` beside the first prefix), in a
+    subdirectory keyed on the datasets' content (:func:`_content_cache`).
     Call on every rank: with torch.distributed, rank 0 builds first and the others then read
     its cache. Several prefixes need torch.distributed (``runtime.initialize()``).
     """
@@ -120,6 +158,7 @@ def build_datasets(data_path, *, seq_length: int, num_samples, tokenizer, split:
                            "call megatron_espace.runtime.initialize() first")
     if path_to_cache is None:
         path_to_cache = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
+    path_to_cache = _content_cache(prefixes, path_to_cache)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         path_to_cache=path_to_cache, tokenizer=tokenizer, reset_position_ids=reset_position_ids,

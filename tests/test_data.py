@@ -1,6 +1,7 @@
 """Tokenizers, preprocess_data and the GPTDataset data path (data.py)."""
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -332,3 +333,28 @@ def test_eod_flags_reach_the_samples(megatron_tp1, corpus, tmp_path):
         assert sample["loss_mask"].tolist() == [float(t != 256) for t in tokens]
         eods += tokens.count(256)
     assert eods >= 4
+
+
+def test_a_re_preprocessed_prefix_gets_new_indices(megatron_tp1, tmp_path, capsys):
+    """Preprocessing a prefix again with other text, keeping the index cache: the cached
+    indices are not reused (they would point into the old documents); the change is said."""
+    tok = ByteLevel()
+    cache, prefix = str(tmp_path / "cache"), str(tmp_path / "out" / "doc")
+
+    def build(texts, path_to_cache):
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        preprocess([tmp_path / "in.jsonl"], prefix, tok, append_eod=True)
+        train, _, _ = data.build_datasets([prefix + "_text_document"], seq_length=8,
+                                          num_samples=(None, None, None), tokenizer=tok,
+                                          split="100,0,0", path_to_cache=path_to_cache)
+        return [train[i]["tokens"] for i in range(len(train))]
+
+    build(["a first corpus, long enough for several samples " * 4, "and a second doc"], cache)
+    assert "changed" not in capsys.readouterr().out
+    short = ["other", "text"]
+    samples = build(short, cache)  # megatron alone would reuse the 25 old samples' indices
+    out = capsys.readouterr().out
+    assert "the dataset changed since its index cache was built (bin_bytes, idx differ)" in out
+    fresh = build(short, str(tmp_path / "fresh"))
+    assert len(samples) == len(fresh) == 1 and all(map(torch.equal, samples, fresh))
+    assert len(os.listdir(cache)) == 4  # two content-keyed directories, datasets.json, .lock
