@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+# lm-evaluation-harness for megatron_espace.lm_eval_adapter (`espace evaluate --tasks`); its
+# dependencies leave torch alone. The tests run the adapter, so `test` includes it.
+EVAL = ["lm-eval>=0.4.13,<0.5"]
+
 setup(
     name="megatron-espace",
     version="0.1.0",
@@ -19,7 +23,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", *EVAL],
+        "eval": EVAL,
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },
     entry_points={"console_scripts": ["espace=megatron_espace.cli:main"]},

@@ -8,6 +8,7 @@
     espace preprocess ...                  = python -m megatron_espace.preprocess_data
     espace calibrate ...                   = python -m megatron_espace.calibrate (torchrun)
     espace convert ...                     = python -m megatron_espace.convert (torchrun)
+    espace evaluate ...                    = python -m megatron_espace.evaluate (torchrun)
     espace sensitivity ...                 = python -m megatron_espace.sensitivity (torchrun)
     espace train ...                       = python -m megatron_espace.train (torchrun)
 
@@ -117,6 +118,7 @@ MODULES = {
     "preprocess": ("megatron_espace.preprocess_data", "text/jsonl -> Megatron indexed dataset"),
     "calibrate": ("megatron_espace.calibrate", "calibration statistics -> projections file"),
     "convert": ("megatron_espace.convert", "ESPACE checkpoint -> compressed checkpoint"),
+    "evaluate": ("megatron_espace.evaluate", "perplexity and lm-evaluation-harness tasks"),
     "sensitivity": ("megatron_espace.sensitivity", "per-layer sensitivity -> ESPACE config"),
     "train": ("megatron_espace.train", "train a baseline, or retrain with --espace-config"),
 }

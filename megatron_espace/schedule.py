@@ -49,3 +49,24 @@ def run_microbatches(model, micro, seq_length: int, micro_batch_size: int,
         dist.all_reduce(total)  # last-stage ranks hold losses, each TP rank the same ones
         total /= parallel_state.get_tensor_model_parallel_world_size()
     return (total[0] / total[1].clamp_min(1)).item()
+
+
+def forward_collect(model, micro, seq_length: int, micro_batch_size: int, reduce) -> list:
+    """Forward-only pass over ``micro`` that keeps, per micro-batch, ``reduce(batch, logits)``.
+
+    A micro-batch is a dict with ``tokens`` and ``position_ids`` ([b, s], every micro-batch
+    the same shape). ``logits`` is this rank's vocabulary shard of the output layer,
+    [b, s, V_padded / tp]. Returns the ``reduce`` results in order on the last pipeline
+    stage and ``[]`` on the others.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, lambda logits, non_loss_data=True: reduce(batch, logits)
+
+    return list(get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+        num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=True, collect_non_loss_data=True) or [])
