@@ -28,9 +28,7 @@ are no tokens and are left out of every softmax here.
 import argparse
 import json
 import math
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -327,13 +325,6 @@ def perplexity(model, ids, vocab_size: int, args) -> dict:
 # -------------------------------------------------------------------- the command
 
 
-def _write_json(path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_espace import runtime
@@ -359,7 +350,9 @@ def main(argv=None) -> int:
                                    num_fewshot=args.num_fewshot, limit=args.limit,
                                    bootstrap_iters=args.bootstrap_iters)
     if args.json and _rank0():
-        _write_json(args.json, out)
+        from megatron_espace import atomic
+
+        atomic.write_text(args.json, json.dumps(out, indent=1, default=str))
     runtime.destroy()
     return 0
 

@@ -19,7 +19,8 @@ SEQ = 32
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--seq-length", str(SEQ), "--make-vocab-size-divisible-by", "256",
          "--init-method-std", "0.2", "--micro-batch-size", "3"]
-ESPACE_YAML = "layers:\n  - match: 'decoder.layers.*'\n    compression: 0.5\n    method: mse\n"
+ESPACE_YAML = ("layers:\n  - match: 'decoder.layers.*'\n    compression: 0.5\n    method: mse\n"
+               "rank_multiple: pow2\n")
 TEXT = ("Perplexity is the exponential of the mean negative log-likelihood per token.\n"
         "A sliding window with a stride gives each scored token up to a full window of "
         "context; with no overlap every token but the first of each window is scored.")
@@ -67,7 +68,6 @@ def root(tmp_path_factory):
     (root / "espace.yaml").write_text(ESPACE_YAML)
     (root / "a.txt").write_text(TEXT)
     (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    run_distributed(_make_checkpoints, nprocs=1, root=str(root))
     return root
 
 
@@ -150,7 +150,8 @@ PROMPTS = ["The capital of France is", "A week has seven", "Cats"]
 
 
 def _check_tp1(root):
-    """Everything against references in one process; returns figures for the TP=2 run."""
+    """The checkpoints, then everything against references in one process; returns figures
+    for the TP=2 run."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -158,6 +159,7 @@ def _check_tp1(root):
     from megatron_espace.lm_eval_adapter import MegatronESPACELM
 
     root = Path(root)
+    _make_checkpoints(root)
     runtime.initialize()
     out = {}
     ids = list(("\n".join([TEXT] + DOCS)).encode())
