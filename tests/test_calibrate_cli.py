@@ -1,7 +1,7 @@
 """The calibration command under torchrun semantics: real data files, a real checkpoint,
 the projections file, summary and plot; TP=2 equals TP=1; an interrupted run resumes."""
 
-import os
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -95,7 +95,7 @@ def test_calibrate_command_tp1_tp2_and_resume(workdir):
     # "interrupted" after 8 samples: the statistics directory holds them; the rerun resumes
     part = workdir / "resumed.safetensors"
     run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, part, samples=8))
-    os.remove(part)
+    shutil.rmtree(part)  # a projections file is a directory
     run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, part, samples=16))
     for key, value in _projectors(part).items():
         torch.testing.assert_close(value, ref[key], atol=1e-6, rtol=0, msg=str(key))
