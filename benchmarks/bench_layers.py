@@ -1,31 +1,31 @@
-"""Time one ESPACE linear against the dense megatron-core linear it replaces.
+"""Time one ESPACE linear against the dense megatron-core linear it replaces, per TP rank.
 
 What it measures: wall-clock time of forward + backward (dX and dW) of
 
 * ``ColumnParallelLinear``  vs ``ESPACEColumnParallelLinear``
 * ``RowParallelLinear``     vs ``ESPACERowParallelLinear``
 
-at tensor-parallel size 1, with identical weights, on activations of shape
-[seq, batch, K]. The ESPACE layer computes ``(x P)(W P)^T`` with a K x L
-orthonormal projection P; the table reports ESPACE time / dense time next to
-the analytic FLOP ratio of the same work.
+with identical weights, on activations of shape [seq, batch, K], at tensor-parallel size
+``--tp`` (under torchrun, gloo on CPU) and, when TP > 1, both without and with sequence
+parallelism (without it the ESPACE layers run sequence-parallel inside, see layers.py).
+Per layout and layer it prints the ESPACE / dense ratios of
+
+* time: the slowest rank's median (a TP group waits for its slowest rank);
+* FLOPs per rank, counted with ``torch.utils.flop_counter.FlopCounterMode`` (exact);
+* bytes each rank sends through collectives (ring algorithms: all-reduce 2(t-1)/t of the
+  tensor, all-gather / reduce-scatter (t-1)/t of the full one).
 
 Defaults: K = N = 1024, L = 256 (50% layer compression, 1 - L(K+N)/(KN) = 0.5),
-M = seq * batch = 512 * 8 = 4096 tokens; float32 on CPU, bfloat16 on CUDA.
-Dense and ESPACE iterations are interleaved so machine noise hits both; each
-number is the median of the timed iterations after a warmup.
+M = seq * batch = 512 * 8 = 4096 tokens; float32 on CPU, bfloat16 on CUDA. Dense and
+ESPACE iterations are interleaved so machine noise hits both; medians after a warmup.
 
-Run it from the repository root:
+    .venv/bin/python benchmarks/bench_layers.py                        # TP = 1
+    .venv/bin/torchrun --nproc_per_node 2 benchmarks/bench_layers.py --tp 2
 
-    .venv/bin/python benchmarks/bench_layers.py
-    .venv/bin/python benchmarks/bench_layers.py --rank 128 --iters 20
-
-This is a measurement, not a test: it asserts nothing about the timings.
-Run it on a quiet machine: on CPU another busy process (a test run, say)
-preempts one of torch's threads, and the ESPACE layer, with seven smaller GEMMs
-to the dense layer's three, loses proportionally more at every thread barrier,
-so its ratio climbs (about 0.48 -> 0.67 on a 2-core box; both times then roughly
-double or triple). ``OMP_NUM_THREADS=1`` pins torch to one thread.
+This is a measurement, not a test: it asserts nothing about the timings. Run it on a
+quiet machine: on CPU another busy process preempts torch's threads, and the ESPACE
+layer, with seven smaller GEMMs to the dense layer's three, loses proportionally more at
+every thread barrier, so its ratio climbs. torchrun sets ``OMP_NUM_THREADS=1`` per rank.
 """
 
 import argparse
@@ -35,6 +35,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 # the repository root, for tests.common (tiny TransformerConfig builder, random orthonormal P)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,13 +45,14 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from megatron_espace import ESPACEColumnParallelLinear, ESPACERowParallelLinear  # noqa: E402
 from megatron_espace import runtime  # noqa: E402
-from tests.common import orthonormal, transformer_config  # noqa: E402
+from tests.common import collective_bytes, orthonormal, transformer_config  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings
 
 has_cuda = torch.cuda.is_available()
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= torchrun ranks)")
 parser.add_argument("--hidden-in", type=int, default=1024, help="K, input features")
 parser.add_argument("--hidden-out", type=int, default=1024, help="N, output features")
 parser.add_argument("--rank", type=int, default=256, help="L, projection rank")
@@ -63,11 +66,12 @@ args = parser.parse_args()
 
 K, N, L = args.hidden_in, args.hidden_out, args.rank
 S, B = args.seq_length, args.micro_batch_size
-M = S * B
+TP = args.tp
 dtype = getattr(torch, args.dtype)
 
-runtime.initialize(tensor_model_parallel_size=1)
+runtime.initialize(tensor_model_parallel_size=TP)
 device = runtime.device()
+rank = dist.get_rank()
 
 
 def sync():
@@ -76,57 +80,48 @@ def sync():
 
 
 # -----------------------------------------------------------------------------
-# analytic FLOPs (multiply-adds count 2)
-
-dense_flops = 6 * K * N * M                                   # Y = XW^T, dX, dW
-espace_fwd = 2 * K * L * M + 2 * K * N * L + 2 * L * N * M    # Z = XP, A = WP, Y = ZA^T
-espace_bwd = 2 * L * N * M + 2 * K * N * L + 2 * L * N * M + 2 * K * L * M  # dA, dW, dZ, dX
-flop_ratio = (espace_fwd + espace_bwd) / dense_flops
-flop_ratio_fwd = espace_fwd / (2 * K * N * M)
-compression = 1 - L * (K + N) / (K * N)
-
-# -----------------------------------------------------------------------------
 # the layers: dense and ESPACE with identical weights, P installed on the ESPACE one
 
-config = transformer_config(dtype=dtype)  # use_cpu_initialization, no fusions, TP = 1
 init = lambda w: torch.nn.init.normal_(w, std=0.02)  # noqa: E731
 proj = orthonormal(K, L, seed=0)
 
 
-def column(cls):
-    return cls(K, N, config=config, init_method=init, bias=False, skip_bias_add=False,
-               gather_output=False)
-
-
-def row(cls):
-    return cls(K, N, config=config, init_method=init, bias=False, skip_bias_add=False,
-               input_is_parallel=True)
-
-
-def build_pair(make, dense_cls, espace_cls):
-    dense = make(dense_cls).to(device)
-    espace = make(espace_cls).to(device)
+def build_pair(kind, sp):
+    config = transformer_config(tp=TP, sp=sp, dtype=dtype)  # use_cpu_initialization, no fusions
+    if kind == "column":
+        make = lambda cls: cls(K, N, config=config, init_method=init, bias=False,  # noqa: E731
+                               skip_bias_add=False, gather_output=False)
+        classes = ColumnParallelLinear, ESPACEColumnParallelLinear
+    else:
+        make = lambda cls: cls(K, N, config=config, init_method=init, bias=False,  # noqa: E731
+                               skip_bias_add=False, input_is_parallel=True)
+        classes = RowParallelLinear, ESPACERowParallelLinear
+    dense, espace = (make(cls).to(device) for cls in classes)
     with torch.no_grad():
         espace.weight.copy_(dense.weight)
     espace.set_projection(proj)
     return dense, espace
 
 
-pairs = {
-    "column": build_pair(column, ColumnParallelLinear, ESPACEColumnParallelLinear),
-    "row": build_pair(row, RowParallelLinear, ESPACERowParallelLinear),
-}
+def activations(kind, sp):
+    """This rank's input and output gradient (sequence split under SP, K/N split by TP)."""
+    gen = torch.Generator().manual_seed(rank)
+    seq_in = S // TP if sp and kind == "column" else S
+    seq_out = S // TP if sp and kind == "row" else S
+    k_in = K // TP if kind == "row" else K
+    n_out = N // TP if kind == "column" else N
+    x = torch.randn(seq_in, B, k_in, generator=gen).to(device=device, dtype=dtype)
+    g = torch.randn(seq_out, B, n_out, generator=gen).to(device=device, dtype=dtype)
+    if not sp:  # replicated tensors must agree across the TP group, as in a model
+        dist.broadcast(x if kind == "column" else g, src=0)
+    return x.requires_grad_(True), g
 
-# fixed inputs and output gradient, shared by every layer
-gen = torch.Generator().manual_seed(0)
-x = torch.randn(S, B, K, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-g = torch.randn(S, B, N, generator=gen).to(device=device, dtype=dtype)
 
 # -----------------------------------------------------------------------------
 # timing
 
 
-def step(layer):
+def step(layer, x, g):
     """One forward + backward; returns its wall-clock seconds."""
     x.grad = None
     layer.zero_grad(set_to_none=True)
@@ -138,37 +133,56 @@ def step(layer):
     return time.perf_counter() - t0
 
 
-def bench(dense, espace):
-    """Median seconds of dense and ESPACE, measured alternately."""
+def counted(layer, x, g):
+    """FLOPs and bytes sent of one forward + backward on this rank."""
+    with FlopCounterMode(display=False) as flops, collective_bytes() as sent:
+        step(layer, x, g)
+    return flops.get_total_flops(), sent["bytes"]
+
+
+def bench(dense, espace, x, g):
+    """Slowest rank's median seconds of dense and ESPACE, measured alternately."""
     for _ in range(args.warmup):
-        step(dense)
-        step(espace)
+        step(dense, x, g)
+        step(espace, x, g)
     times = {"dense": [], "espace": []}
     for i in range(args.iters):
         order = [("dense", dense), ("espace", espace)]
         if i % 2:  # alternate who goes first, so neither always follows the other
             order.reverse()
         for name, layer in order:
-            times[name].append(step(layer))
-    return statistics.median(times["dense"]), statistics.median(times["espace"])
+            times[name].append(step(layer, x, g))
+    medians = torch.tensor([statistics.median(times["dense"]),
+                            statistics.median(times["espace"])], dtype=torch.float64)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return medians.tolist()
 
 
-print(f"device={device.type} dtype={args.dtype} threads={torch.get_num_threads()} "
-      f"cores={os.cpu_count()} torch={torch.__version__}")
-print(f"K={K} N={N} L={L} M={M} (seq={S} x batch={B})  compression={compression:.2f}  "
-      f"warmup={args.warmup} iters={args.iters}")
-print(f"FLOP ratio espace/dense: fwd+bwd={flop_ratio:.3f}  fwd only={flop_ratio_fwd:.3f}")
-print()
-print(f"{'layer':<8}{'dense ms':>10}{'espace ms':>11}{'ratio':>8}{'FLOP ratio':>12}")
+def report(line=""):
+    if rank == 0:
+        print(line, flush=True)
 
-ratios = {}
-for kind, (dense, espace) in pairs.items():
-    t_dense, t_espace = bench(dense, espace)
-    ratios[kind] = t_espace / t_dense
-    print(f"{kind:<8}{t_dense * 1e3:>10.2f}{t_espace * 1e3:>11.2f}{ratios[kind]:>8.2f}"
-          f"{flop_ratio:>12.3f}")
 
-print()
-print(f"ratio column={ratios['column']:.2f} row={ratios['row']:.2f} (target <= 0.65)")
-
+compression = 1 - L * (K + N) / (K * N)
+report(f"device={device.type} dtype={args.dtype} tp={TP} threads/rank={torch.get_num_threads()} "
+       f"cores={os.cpu_count()} torch={torch.__version__}")
+report(f"K={K} N={N} L={L} M={S * B} (seq={S} x batch={B})  compression={compression:.2f}  "
+       f"warmup={args.warmup} iters={args.iters}")
+report()
+report(f"{'layout':<8}{'layer':<8}{'dense ms':>10}{'espace ms':>11}{'time':>7}"
+       f"{'FLOPs':>8}{'bytes':>8}   (ESPACE / dense, per rank)")
+ratios = []
+for sp in ([False, True] if TP > 1 else [False]):
+    layout = "SP" if sp else ("no SP" if TP > 1 else "TP=1")
+    for kind in ("column", "row"):
+        dense, espace = build_pair(kind, sp)
+        x, g = activations(kind, sp)
+        (f_dense, b_dense), (f_espace, b_espace) = counted(dense, x, g), counted(espace, x, g)
+        t_dense, t_espace = bench(dense, espace, x, g)
+        ratios.append(t_espace / t_dense)
+        bytes_ratio = f"{b_espace / b_dense:>8.2f}" if b_dense else f"{'-':>8}"
+        report(f"{layout:<8}{kind:<8}{t_dense * 1e3:>10.1f}{t_espace * 1e3:>11.1f}"
+               f"{t_espace / t_dense:>7.2f}{f_espace / f_dense:>8.3f}{bytes_ratio}")
+report()
+report(f"largest time ratio {max(ratios):.2f} (target <= 0.65)")
 runtime.destroy()

@@ -159,17 +159,23 @@ def collective_bytes():
     names = ["all_reduce", "all_gather_into_tensor", "_all_gather_base",
              "reduce_scatter_tensor", "_reduce_scatter_base", "all_gather", "reduce_scatter"]
     counts = {"bytes": 0.0, "calls": []}
-    wrappers = {}
+    wrappers, active = {}, []
     for name in names:
         original = getattr(dist, name)
 
         def wrapped(*args, _name=name, _original=original, **kwargs):
+            if active:  # torch re-enters the public name (a __torch_function__ mode): once
+                return _original(*args, **kwargs)
             bound = inspect.signature(_original).bind(*args, **kwargs)
             world = dist.get_world_size(bound.arguments.get("group"))
             volume = _ring_volume(_name, bound, world)
             counts["bytes"] += volume
             counts["calls"].append((_name, volume))
-            return _original(*args, **kwargs)
+            active.append(_name)
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                active.pop()
 
         wrappers[original] = wrapped
     patched = []

@@ -1,5 +1,6 @@
 """ESPACE linears against a float64 dense reference ``Ŷ = Wᵀ P Pᵀ X`` (DESIGN sections 1-2)."""
 
+import functools
 import itertools
 
 import pytest
@@ -140,7 +141,9 @@ def _tp_all_cases(tp, dtypes):
 
     runtime.initialize(tensor_model_parallel_size=tp)
     rank = int(os.environ["RANK"])
-    out = {}
+    with collective_bytes() as probe:  # the counter itself: a ring all-reduce of 80 bytes
+        torch.distributed.all_reduce(torch.ones(10, dtype=torch.float64))
+    out = {"probe_bytes": probe["bytes"]}
     for i, case in enumerate(_cases()):
         for dtype_name in dtypes:
             r = run_case(case, tp, rank, getattr(torch, dtype_name))
@@ -165,11 +168,17 @@ def tp2_results():
     return run_distributed(_tp_all_cases, nprocs=2, tp=2, dtypes=["float64", "float32"])
 
 
+@functools.lru_cache(maxsize=None)
+def _one_device_flops(i):
+    return run_case(list(_cases())[i], tp=1, rank=0)["flops"]
+
+
 def _check_tp(per_rank, tp):
     """float64 exactness, FLOPs per rank <= 1.05 x one-device / TP (split work), bytes sent
     per rank <= the dense layer's, for every case on every rank."""
+    assert all(res["probe_bytes"] == 2 * 80 * (tp - 1) / tp for res in per_rank)
     for i, case in enumerate(_cases()):
-        one_device = run_case(case, tp=1, rank=0)["flops"]
+        one_device = _one_device_flops(i)
         for rank, res in enumerate(per_rank):
             got = {k.split(":", 2)[2]: v for k, v in res.items()
                    if k.startswith(f"{i}:float64:")}
