@@ -104,6 +104,12 @@ def load_model(args):
     return model, tokenizer
 
 
+def real_vocab_size(args, tokenizer) -> int:
+    """The model's vocabulary before Megatron's padding (``--vocab-size`` of an imported
+    model, else the tokenizer's): the output columns that are tokens."""
+    return getattr(args, "vocab_size", None) or tokenizer.vocab_size
+
+
 # -------------------------------------------------------------------- inputs
 
 
@@ -329,14 +335,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_espace import runtime
 
-    text = read_texts(args.text) if args.text else None  # bad input fails before any setup
+    if args.tasks:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise SystemExit("espace evaluate --tasks needs lm-evaluation-harness: "
+                             "pip install -e '.[eval]'")
+    ids = None  # bad input fails before any process group or model exists
+    if args.text:
+        ids = arguments.tokenizer(args).tokenize(read_texts(args.text))
+    elif args.data_path:
+        ids = read_indexed(args.data_path)
     runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                        seed=args.seed)
     model, tokenizer = load_model(args)
     out = {"load": str(args.load)}
-    if args.text or args.data_path:
-        ids = tokenizer.tokenize(text) if args.text else read_indexed(args.data_path)
-        out.update(perplexity(model, ids, tokenizer.vocab_size, args))
+    if ids is not None:
+        out.update(perplexity(model, ids, real_vocab_size(args, tokenizer), args))
         out["inputs"] = args.text or args.data_path
         if _rank0():
             print(f"perplexity {out['ppl']:.4f} | nll {out['nll']:.6f} | {out['tokens']} "

@@ -55,6 +55,7 @@ class MegatronESPACELM(TemplateLM):
             raise ValueError("megatron_espace: needs argv='--load CKPT ...' (or model, "
                              "tokenizer and args)")
         self.model, self.tok, self.args = model, tokenizer, args
+        self.vocab_size = evaluate.real_vocab_size(args, tokenizer)
         if batch_size not in (None, "auto"):
             args.micro_batch_size = int(batch_size)
         self.max_length = int(max_length or args.seq_length)
@@ -91,7 +92,7 @@ class MegatronESPACELM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     def _score(self, sequences):
-        return evaluate.score(self.model, sequences, self.tok.vocab_size, self.args,
+        return evaluate.score(self.model, sequences, self.vocab_size, self.args,
                               desc="lm-eval")
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -170,7 +171,7 @@ class MegatronESPACELM(TemplateLM):
         active = [job for job in jobs if job[3] > 0]
         while active:
             nexts = evaluate.next_tokens(self.model, [ids + new[i] for i, ids, _, _ in active],
-                                         self.tok.vocab_size, self.args)
+                                         self.vocab_size, self.args)
             still = []
             for (i, ids, until, steps), token in zip(active, nexts):
                 if token == self.eot_token_id:

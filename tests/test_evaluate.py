@@ -183,6 +183,13 @@ def _check_tp1(root):
     assert got["tokens"] == count == len(ids) - windows  # all but each window's first token
     assert abs(got["nll"] - nll / count) < 1e-5 * nll / count
 
+    # a Megatron indexed dataset: its documents' tokens (eod-terminated) in order
+    from megatron_espace.preprocess_data import preprocess
+
+    preprocess([str(root / "b.jsonl")], str(root / "indexed"), tok)
+    ids = [t for d in DOCS for t in list(d.encode()) + [tok.eod]]
+    assert evaluate.read_indexed([str(root / "indexed_text_document")]) == ids
+
     lm = MegatronESPACELM(model=model, tokenizer=tok, args=args, max_gen_toks=10)
     results = lm.loglikelihood(_requests("loglikelihood", PAIRS))
     for (context, continuation), (logp, _) in zip(PAIRS[:3], results):
