@@ -147,11 +147,15 @@ def build_model(args, vocab_size: int, spec=None):
 
 def checkpoint_dir(load) -> Path:
     """The torch_dist directory behind ``--load`` (Megatron-LM's ``iter_XXXXXXX`` layout too)."""
+    from megatron_espace.save_dir import TRACKER, tracker_iteration
+
     path = Path(load)
-    tracker = path / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        it = tracker.read_text().strip()
-        path = path / ("release" if it == "release" else f"iter_{int(it):07d}")
+    if (path / TRACKER).is_file():
+        try:
+            it = tracker_iteration(path)
+        except ValueError as e:
+            raise SystemExit(f"--load {load}: {e}") from None
+        path = path / ("release" if it is None else f"iter_{it:07d}")
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"--load {load}: no torch_dist checkpoint at {path} "
                                 "(expected metadata.json)")

@@ -6,8 +6,15 @@ keys; :func:`load` drops the projections the checkpoint lacks from the request a
 leaves those layers' ``P`` as set by ``apply_espace`` (the plain ``load`` would raise
 ``CheckpointException``, a ``BaseException``). Weights and optimizer state load as
 usual, so retraining starts from the baseline's weights *and* Adam moments.
+
+The other way round is refused: a checkpoint holding projections does not load into a
+model without them (that would silently be the dense model) unless ``drop_projections``;
+a compressed checkpoint (``espace.json`` beside it, written by ``espace convert``) loads
+only into a compressed model. A failed load raises :class:`CheckpointError` whose
+message starts with the root cause (missing key, both shapes, the truncated file), uncut.
 """
 
+import json
 import logging
 import os
 import re
@@ -21,13 +28,19 @@ from megatron.core.dist_checkpointing import ShardedTensor
 logger = logging.getLogger(__name__)
 
 PROJECTION_KEY = "espace_proj"
+COMPRESSED_KEY = "espace_weight"
+MANIFEST = "espace.json"
+
+
+class CheckpointError(SystemExit):
+    """A checkpoint that is incomplete or does not load; the message names the cause (a
+    user error: ``runtime.run_main`` prints it as one line)."""
 
 
 def _is_projection(value) -> bool:
     if not isinstance(value, ShardedTensor):
         return False
-    parts = value.key.split(".")
-    return PROJECTION_KEY in parts[-2:]  # "...espace_proj" or "...espace_proj.L3"
+    return _is_projection_key(value.key)
 
 
 def model_sharded_state_dict(model) -> dict:
@@ -68,27 +81,154 @@ def drop_missing_projections(sharded_state_dict: dict, checkpoint_dir) -> list:
     return dropped
 
 
-def load(sharded_state_dict: dict, checkpoint_dir, **kwargs) -> dict:
+def _keys(sharded_state_dict: dict) -> set:
+    out = set()
+
+    def visit(d):
+        for v in d.values():
+            if isinstance(v, dict):
+                visit(v)
+            elif isinstance(v, ShardedTensor):
+                out.add(v.key)
+
+    visit(sharded_state_dict)
+    return out
+
+
+def manifest(checkpoint_dir) -> dict:
+    """The ``espace.json`` of a compressed checkpoint, or None."""
+    file = Path(checkpoint_dir) / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def check_kind(sharded_state_dict: dict, checkpoint_dir, drop_projections: bool = False,
+               flag: str = "--load") -> None:
+    """Refuse a checkpoint of another kind than the model: compressed vs not, projections
+    the model would drop. The message names the flags that load it."""
+    path = Path(checkpoint_dir)
+    wanted = _keys(sharded_state_dict)
+    compressed_model = any(k.split(".")[-1] == COMPRESSED_KEY for k in wanted)
+    info = manifest(path)
+    if info is not None and not compressed_model:
+        raise CheckpointError(
+            f"{flag} {path}: a compressed ESPACE checkpoint ({MANIFEST}: "
+            f"{len(info.get('layers', {}))} compressed layers, converted from "
+            f"{info.get('source')}); load it with --espace-compressed --espace-config "
+            f"{info.get('espace_config')} --espace-projections {info.get('projections')}")
+    if info is None and compressed_model:
+        raise CheckpointError(
+            f"{flag} {path}: not a compressed checkpoint (no {MANIFEST}; `espace convert` "
+            "writes one); drop --espace-compressed")
+    if drop_projections or any(_is_projection_key(k) for k in wanted):
+        return
+    stored = [k for k in dist_checkpointing.load_tensors_metadata(str(path))
+              if _is_projection_key(k)]
+    if stored:
+        state = _run_state(path)
+        hint = (f" --espace-config {state.get('espace_config')} --espace-projections "
+                f"{state.get('espace_projections')}" if state.get("espace_config") else "")
+        raise CheckpointError(
+            f"{flag} {path}: an ESPACE checkpoint ({len(stored)} projection keys, e.g. "
+            f"{stored[0]}) but this model has no projections; it would load as the dense "
+            f"model. Pass the ESPACE flags it was trained with{hint}, or "
+            "--espace-drop-projections to load its weights without them")
+
+
+def _is_projection_key(key: str) -> bool:
+    return PROJECTION_KEY in key.split(".")[-2:]  # "...espace_proj" or "...espace_proj.L3"
+
+
+def _run_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "espace_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def verify_complete(checkpoint_dir, flag: str = None) -> None:
+    """Raise ``CheckpointError`` naming the first data file the checkpoint's metadata
+    refers to that is missing or shorter than the metadata says (a truncated shard)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(checkpoint_dir)
+    where = f"{flag} {path}: " if flag else ""
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:
+        raise CheckpointError(f"{where}{path}/.metadata: unreadable ({type(e).__name__}: {e}); "
+                              "the checkpoint is incomplete or corrupt") from None
+    need = {}
+    for item in storage.values():
+        need[item.relative_path] = max(need.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(need.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{where}{file}: missing; the checkpoint is incomplete (its "
+                                  "metadata lists this shard)")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{where}{file}: truncated, {file.stat().st_size} bytes where "
+                                  f"the checkpoint's metadata needs {size}")
+
+
+def root_causes(error: BaseException) -> list:
+    """The innermost exceptions behind ``error``: per failed rank of a torch
+    ``CheckpointException``, and down ``__cause__``/``__context__``."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        out = []
+        for rank, failure in sorted(failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            out += [(f"rank {rank}: " + cause) for cause in root_causes(exc)]
+        return list(dict.fromkeys(out))
+    inner = error.__cause__ or error.__context__
+    if inner is not None and inner is not error:
+        deeper = root_causes(inner)
+        if deeper:
+            return deeper
+    text = str(error).strip()
+    return [f"{type(error).__name__}: {text}" if text else type(error).__name__]
+
+
+def load(sharded_state_dict: dict, checkpoint_dir, drop_projections: bool = False,
+         flag: str = "--load", **kwargs) -> dict:
     """``dist_checkpointing.load`` that also accepts checkpoints saved without ESPACE.
 
     Layers whose projection the checkpoint lacks keep their current ``P``; the
     returned state dict then holds their current ``P`` too, so a strict
-    ``model.load_state_dict`` succeeds.
+    ``model.load_state_dict`` succeeds. See the module docstring for what is refused.
     """
+    check_kind(sharded_state_dict, checkpoint_dir, drop_projections, flag)
+    verify_complete(checkpoint_dir, flag)
     dropped = drop_missing_projections(sharded_state_dict, checkpoint_dir)
     if dropped:
         logger.info("%s has no ESPACE projections for %d layers (a baseline checkpoint?): "
                     "keeping the projections already set on the model", checkpoint_dir,
                     len(dropped))
-    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), **kwargs)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), **kwargs)
+    except BaseException as e:  # CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        causes = root_causes(e)
+        raise CheckpointError(
+            f"{flag} {checkpoint_dir}: does not load into this model: " + "; ".join(causes)
+            + " (check the model, parallelism and ESPACE flags against the ones it was "
+            "saved with)") from e
 
 
-def save(sharded_state_dict: dict, checkpoint_dir, **kwargs) -> None:
+def save(sharded_state_dict: dict, checkpoint_dir, before_commit=None, **kwargs) -> None:
     """``dist_checkpointing.save`` into ``checkpoint_dir``, atomically.
 
-    Every rank writes into ``<dir>.tmp``; rank 0 renames it once all have finished, so
-    an interrupted save never leaves a half-written checkpoint under the final name.
-    An existing ``checkpoint_dir`` is refused rather than overwritten.
+    Every rank writes into ``<dir>.tmp`` (then calls ``before_commit(tmp)``, e.g. to add
+    its own files); rank 0 checks that every shard the metadata lists is there in full and
+    only then renames it, so an interrupted or raced save never leaves a checkpoint that
+    looks complete under the final name. An existing ``checkpoint_dir`` is refused rather
+    than overwritten. A full disk raises ``SystemExit`` saying so.
     """
     final = Path(checkpoint_dir)
     tmp = final.with_name(final.name + ".tmp")
@@ -99,11 +239,47 @@ def save(sharded_state_dict: dict, checkpoint_dir, **kwargs) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(tmp), **kwargs)
+    _helpers_die_with_rank()
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(tmp), **kwargs)
+        if before_commit is not None:
+            before_commit(tmp)
+    except BaseException as e:
+        from megatron_espace.save_dir import is_disk_full
+
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_disk_full(e, tmp.parent):
+            free = shutil.disk_usage(tmp.parent).free
+            raise SystemExit(f"{tmp}: no space left on device ({free / 2**20:.1f} MiB free "
+                             f"on the file system of {tmp.parent}); the checkpoint was not "
+                             "saved") from e
+        raise
     _barrier()
     if rank == 0:
+        verify_complete(tmp)
         os.replace(tmp, final)
     _barrier()
+
+
+def _helpers_die_with_rank() -> None:
+    """dist_checkpointing's save keeps a multiprocessing ``Manager`` (a spawned server,
+    ~350 MB) for its results; a rank killed by SIGKILL would leave it, and the resource
+    tracker it holds open, running under init. Start that server here instead, with an
+    initializer that makes it die with this rank."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if getattr(fsa, "_results_queue", "absent") is not None:
+        return  # started already, or a megatron-core without this helper
+    from multiprocessing.managers import SyncManager
+
+    from torch import multiprocessing as mp
+
+    from megatron_espace.runtime import die_with_parent
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent)
+    fsa._results_queue = manager.Queue()
 
 
 def _barrier():

@@ -3,13 +3,21 @@
 ``initialize`` works under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) and in a
 plain single process (world size 1). Without CUDA it uses gloo and installs the
 CPU shims of :mod:`megatron_espace.cpu_shims`; with CUDA it uses nccl and
-megatron's own CUDA RNG tracker.
+megatron's own CUDA RNG tracker. Under torchrun a rank dies with its launcher, and so do
+the helper processes megatron's checkpointing starts (:func:`die_with_parent`).
+
+``run_main`` runs every tool's ``main``: a user error (a ``SystemExit`` with a message, a
+bad config, a missing file, a bad value) prints one line, from rank 0 only when every rank
+has it, and exits 1; ``--debug`` (or ``ESPACE_DEBUG=1``) keeps the tracebacks.
 """
 
 import os
 import socket
+import sys
 
 import torch
+
+PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:
@@ -36,6 +44,8 @@ def initialize(
     from megatron.core import parallel_state, tensor_parallel
 
     has_cuda = torch.cuda.is_available()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it
+        die_with_parent()
     if not has_cuda:
         from megatron_espace import cpu_shims
 
@@ -94,27 +104,115 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (torchrun) dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so a ``kill -9`` of the launcher leaves no rank training."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def agree(fn):
+    """Run ``fn`` on rank 0; if it raises ``SystemExit`` there, raise it on every rank (a
+    user error all ranks share, which ``run_main`` prints once)."""
+    import torch.distributed as dist
+
+    message = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except SystemExit as e:
+            message = str(e.code)
+    if dist.get_world_size() > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        error = SystemExit(message)
+        error.all_ranks = True
+        raise error
+
+
+#: bad input, as the project reports it (ConfigError is a ValueError); --debug shows tracebacks
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def _debug(argv) -> bool:
+    if "--debug" in argv[1:]:
+        argv.remove("--debug")
+        return True
+    return os.environ.get("ESPACE_DEBUG", "") not in ("", "0")
+
+
+def _quiet_argparse() -> None:
+    """argparse errors become one-line ``SystemExit``s (no usage text from every rank)."""
+    import argparse
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+    argparse.ArgumentParser.error = error
+
+
+def _user_error_message(e: BaseException):
+    """The one-line message of a user error, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, SystemExit):
+        return None if e.code is None or isinstance(e.code, int) else str(e.code)
+    if isinstance(e, USER_ERRORS):
+        return f"{type(e).__name__}: {str(e).strip()}"
+    return None
+
+
 def run_main(main, *args, **kwargs) -> int:
-    """Run a command's ``main``; if it raises, print the error with this rank and exit at once.
+    """Run a command's ``main``; on an error print it (see the module docstring) and exit.
 
     ``os._exit`` skips interpreter shutdown (which could wait on a collective), so peers
     blocked on this rank see their connections close and fail too, instead of hanging until
     the process-group timeout; torchrun then tears the job down.
     """
-    import sys
     import traceback
 
+    debug = _debug(sys.argv)
+    rank = int(os.environ.get("RANK", "0"))
+    many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if many and not debug:
+        _quiet_argparse()
     try:
         return main(*args, **kwargs)
-    except SystemExit:
-        raise
-    except BaseException:
-        import multiprocessing
+    except BaseException as e:
+        message = _user_error_message(e)
+        if isinstance(e, SystemExit) and message is None:
+            raise  # sys.exit(code): not an error report
+        if message is None or debug:
+            sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
+        elif rank == 0 or not many:
+            sys.stderr.write(f"error: {message}\n")
+        elif not getattr(e, "all_ranks", False):
+            import time
 
-        rank = os.environ.get("RANK", "0")
-        sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        for child in multiprocessing.active_children():  # e.g. dist_checkpointing's Manager
-            child.kill()
-        os._exit(1)
+            time.sleep(3)  # rank 0 failing too gets us killed by torchrun: one line in all
+            sys.stderr.write(f"[rank {rank}] error: {message}\n")
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    """Flush, end this process's helpers (e.g. dist_checkpointing's Manager), release the
+    ``--save`` lock and ``os._exit``."""
+    import multiprocessing
+
+    from megatron_espace import save_dir
+
+    sys.stderr.flush()
+    sys.stdout.flush()
+    save_dir.release_all()
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(code)

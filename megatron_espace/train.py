@@ -16,6 +16,14 @@ With ``--espace-config``, ESPACE is applied to the built model before DDP and th
 exist; ``--load`` may then point at a *baseline* checkpoint: W and its optimizer state are
 loaded (unless ``--no-load-optim``), the iteration count starts again at 0, and dropout is
 off (paper Section 4.3; ``--espace-keep-dropout`` keeps it).
+
+Failures and restarts: when ``--save`` already holds a checkpoint, the run resumes from it
+whatever ``--load`` says (so one command serves the first launch and every requeue; the
+baseline is read only while ``--save`` is empty, as with Megatron-LM's
+``--pretrained-checkpoint``). A run never overwrites a checkpoint newer than the one it
+starts from, holds an exclusive lock on ``--save``, and stops with an error at the first
+NaN/Inf loss or gradient norm (``--no-check-for-nan-in-loss-and-grad`` trains on) before
+that state can be saved.
 """
 
 import argparse
@@ -30,11 +38,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_espace import arguments, atomic, compat
+from megatron_espace import arguments, atomic, compat, save_dir
 from megatron_espace.schedule import run_microbatches
+from megatron_espace.save_dir import TRACKER
 
 STATE = "espace_state.json"
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def parse_args(argv=None):
@@ -68,6 +76,12 @@ def parse_args(argv=None):
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--finetune", action="store_true",
                    help="load weights (and optimizer) but start again at iteration 0")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="the checkpoint to start from (with --finetune semantics) while "
+                   "--load holds none yet; Megatron-LM's flag")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
+                   default=True, help="stop at the first NaN/Inf loss or gradient norm, "
+                   "before that state is saved (default on, as in Megatron-LM)")
     g.add_argument("--skip-train", action="store_true", help="only evaluate")
     g.add_argument("--metrics-json", default=None,
                    help="also write the run's losses and parameter counts here (rank 0)")
@@ -78,11 +92,22 @@ def parse_args(argv=None):
     e.add_argument("--espace-compressed", action="store_true",
                    help="build the compressed inference model (export_compressed) before "
                    "loading: for checkpoints written by `espace convert`")
+    e.add_argument("--espace-drop-projections", action="store_true",
+                   help="load an ESPACE checkpoint's weights into a model without ESPACE, "
+                   "dropping its projections (refused without this flag)")
     args = p.parse_args(argv)
     if (args.espace_config is None) != (args.espace_projections is None):
         p.error("--espace-config and --espace-projections go together")
+    weights = _split_weights(p, args.split)
+    if args.eval_iters > 0 and weights[1] == 0:
+        p.error(f"--split {args.split} leaves no validation data, but --eval-iters "
+                f"{args.eval_iters} evaluates on it; give the validation split a weight "
+                "(e.g. --split 98,2,0) or pass --eval-iters 0")
+    if args.skip_train and args.eval_iters == 0:
+        p.error("--skip-train only evaluates: it needs --eval-iters > 0")
     if args.espace_config and not args.espace_keep_dropout:
         args.hidden_dropout = args.attention_dropout = 0.0
+    args.baseline = None  # set by load(): the checkpoint training started from
     return args
 
 
@@ -115,6 +140,9 @@ def run(args) -> dict:
                          f"{args.micro_batch_size} x data-parallel size {dp}")
     num_micro = gbs // (args.micro_batch_size * dp)
     rank0 = dist.get_rank() == 0
+    if args.save and not args.skip_train:
+        runtime.agree(lambda: save_dir.lock(args.save))  # one job per --save
+    source = _start_point(args)
 
     tokenizer = arguments.tokenizer(args)
     model = arguments.build_model(args, tokenizer.vocab_size)
@@ -134,8 +162,14 @@ def run(args) -> dict:
               f"{1 - counts['gemm'] / counts['gemm_dense']:.1%} fewer than dense)")
 
     iteration, consumed = 0, 0
-    if args.load:
-        iteration, consumed = load(args, model, optimizer, scheduler)
+    if source is not None:
+        iteration, consumed = load(args, model, optimizer, scheduler, source)
+    elif rank0 and args.load:
+        print(f"--load {args.load}: no checkpoint there yet; starting from scratch")
+    if args.save and not args.skip_train:
+        _refuse_overwriting(args.save, iteration)
+    if projections is not None and rank0:
+        _warn_other_checkpoint(args, projections, source)
     train_ds, valid_ds, test_ds = _datasets(args, tokenizer, gbs)
 
     # ---------------------------------------------------------------- the loop
@@ -143,6 +177,8 @@ def run(args) -> dict:
                "parameters": counts}
 
     def evaluate_now(tag, dataset=valid_ds, name="validation"):
+        if args.eval_iters == 0:
+            return None
         loss = evaluate(ddp, dataset, args, num_micro)
         if name == "validation":
             history["valid_loss"].append(loss)
@@ -164,10 +200,12 @@ def run(args) -> dict:
 
     data = batch_iterator(train_ds, args.micro_batch_size, start=consumed,
                           dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
-    window, start = [], time.monotonic()
+    window, start, first = [], time.monotonic(), iteration
     while iteration < args.train_iters:
         micro = [next(data) for _ in range(num_micro)]
         loss, grad_norm = train_step(ddp, optimizer, micro, args)
+        if args.check_for_nan_in_loss_and_grad:
+            _stop_on_nan(args, iteration + 1, loss, grad_norm)
         scheduler.step(increment=gbs)
         iteration += 1
         consumed += gbs
@@ -189,7 +227,8 @@ def run(args) -> dict:
             save(args, model, optimizer, scheduler, iteration, consumed)
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
-    if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+    if args.save and iteration > first and not (args.save_interval
+                                                and iteration % args.save_interval == 0):
         save(args, model, optimizer, scheduler, iteration, consumed)
     evaluate_now(f"the end of training (iteration {iteration})")
     if test_ds is not None and len(test_ds):
@@ -200,6 +239,98 @@ def run(args) -> dict:
 
 
 # -------------------------------------------------------------------- pieces
+
+
+def _split_weights(parser, split: str) -> list:
+    """``--split``'s three weights (missing ones are 0)."""
+    try:
+        weights = [float(w) for w in split.replace("/", ",").split(",")]
+    except ValueError:
+        parser.error(f"--split {split}: expected up to three numbers, e.g. 949,50,1")
+    if len(weights) > 3 or any(not math.isfinite(w) or w < 0 for w in weights) or \
+            sum(weights) <= 0:
+        parser.error(f"--split {split}: expected up to three weights >= 0, not all 0")
+    return weights + [0.0] * (3 - len(weights))
+
+
+def _start_point(args):
+    """The checkpoint directory this run starts from, or None for a fresh model.
+
+    ``--save`` holding a checkpoint wins (a restarted or requeued run resumes it); else
+    ``--load``; else ``--pretrained-checkpoint`` (as ``--finetune``). ``--load`` naming the
+    still-empty ``--save`` (the resume idiom, on the first launch) starts from scratch.
+    """
+    def tracked(directory, flag):
+        try:
+            return save_dir.tracker_iteration(directory)
+        except ValueError as e:
+            raise SystemExit(f"{flag} {directory}: {e}") from None
+
+    same = args.load and args.save and Path(args.load).resolve() == Path(args.save).resolve()
+    if args.save and tracked(args.save, "--save") is not None:
+        args.resuming = True
+        if dist.get_rank() == 0:
+            print(f"resuming from --save {args.save} (this run's checkpoint)"
+                  + (f"; --load {args.load} is not read" if args.load and not same else ""),
+                  flush=True)
+        return arguments.checkpoint_dir(args.save)
+    args.resuming = False
+    if args.load and ((Path(args.load) / TRACKER).is_file()
+                      or (Path(args.load) / "metadata.json").is_file()):
+        tracked(args.load, "--load")
+        return arguments.checkpoint_dir(args.load)
+    if args.pretrained_checkpoint:
+        args.finetune = True
+        return arguments.checkpoint_dir(args.pretrained_checkpoint)
+    if args.load and not same:
+        arguments.checkpoint_dir(args.load)  # raises, naming what is missing
+    return None
+
+
+def _refuse_overwriting(save, iteration: int) -> None:
+    newer = save_dir.newer_than(save, iteration)
+    if newer:
+        names = ", ".join(p.name for p in newer[:3]) + (" ..." if len(newer) > 3 else "")
+        raise SystemExit(
+            f"--save {save}: holds {names}, newer than iteration {iteration} this run starts "
+            f"from; a run never overwrites newer checkpoints. Resume them (fix {TRACKER} "
+            "if it lags), move them away, or use another --save")
+
+
+def _warn_other_checkpoint(args, projections, source) -> None:
+    """Warn when the projections were calibrated on another checkpoint than the run's
+    baseline (``info['checkpoint']``, written by calibrate)."""
+    calibrated = projections.info.get("checkpoint")
+    if isinstance(calibrated, dict):
+        calibrated = calibrated.get("path")
+    baseline = args.baseline
+    if not calibrated or baseline is None:
+        return
+    if Path(calibrated).resolve() != Path(baseline).resolve():
+        print(f"WARNING: {args.espace_projections} was calibrated on {calibrated}, but this "
+              f"run's baseline is {baseline}: the projections may not fit its weights",
+              flush=True)
+
+
+def _stop_on_nan(args, iteration: int, loss: float, grad_norm: float) -> None:
+    """Raise ``SystemExit`` on every rank when the loss or the gradient norm is not finite."""
+    bad = torch.tensor([not math.isfinite(loss), not math.isfinite(grad_norm)],
+                       dtype=torch.float32)
+    if dist.get_world_size() > 1:
+        from megatron_espace.runtime import device
+
+        bad = bad.to(device())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.any():
+        what = " and ".join(w for w, b in zip(("loss", "gradient norm"), bad.tolist()) if b)
+        what += " are" if bad.all() else " is"
+        last = save_dir.tracker_iteration(args.save) if args.save else None
+        kept = (f"; {args.save}/{TRACKER} stays on iteration {last}" if last is not None
+                else "; nothing was saved")
+        raise SystemExit(
+            f"iteration {iteration}: {what} NaN/Inf (lm loss {loss}, grad norm {grad_norm}); "
+            f"stopped without saving this state{kept}. Lower --lr or check the data; "
+            "--no-check-for-nan-in-loss-and-grad trains on")
 
 
 def _wrap(model, args):
@@ -251,7 +382,9 @@ def train_step(ddp, optimizer, micro, args):
     loss = run_microbatches(ddp, micro, args.seq_length, args.micro_batch_size,
                             forward_only=False)
     _, grad_norm, _ = optimizer.step()
-    return loss, grad_norm or 0.0
+    if grad_norm is None:  # --clip-grad 0: the norm was not needed for clipping
+        grad_norm = optimizer.get_grad_norm() if args.check_for_nan_in_loss_and_grad else 0.0
+    return loss, grad_norm
 
 
 @torch.no_grad()
@@ -289,7 +422,11 @@ def _sharded(model, optimizer, is_loading):
 
 
 def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
-    """``{save}/iter_XXXXXXX``, then the tracker file: a killed save leaves the old pointer."""
+    """``{save}/iter_XXXXXXX``, then the tracker file: a killed save leaves the old pointer.
+
+    The RNG states and ``espace_state.json`` go into the checkpoint before it gets its
+    final name, so every ``iter_XXXXXXX`` directory is complete.
+    """
     from megatron_espace import checkpointing
 
     root = Path(args.save)
@@ -299,26 +436,32 @@ def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
         shutil.rmtree(old, ignore_errors=True)  # keep the previous copy until this one is done
         os.replace(path, old)
     dist.barrier()
-    checkpointing.save(_sharded(model, optimizer, is_loading=False), path)
-    _save_rng(path)
+
+    def before_commit(tmp):
+        _save_rng(tmp)
+        if dist.get_rank() == 0:
+            atomic.write_json(tmp / STATE, {
+                "iteration": iteration, "consumed_samples": consumed,
+                "scheduler": scheduler.state_dict(), "espace_config": args.espace_config,
+                "espace_projections": args.espace_projections, "baseline": args.baseline})
+
+    checkpointing.save(_sharded(model, optimizer, is_loading=False), path,
+                       before_commit=before_commit)
     if dist.get_rank() == 0:
-        atomic.write_json(path / STATE, {
-            "iteration": iteration, "consumed_samples": consumed,
-            "scheduler": scheduler.state_dict(), "espace_config": args.espace_config,
-            "espace_projections": args.espace_projections})
         atomic.write_text(root / TRACKER, str(iteration))
         shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)
     dist.barrier()
 
 
-def load(args, model, optimizer, scheduler):
-    """Load ``--load``; returns (iteration, consumed samples) to continue from."""
+def load(args, model, optimizer, scheduler, path=None):
+    """Load ``path`` (default: ``--load``); returns (iteration, consumed samples) to
+    continue from. Sets ``args.baseline``: the checkpoint this run's training started from."""
     from megatron_espace import checkpointing
 
     from megatron.core import dist_checkpointing
 
-    path = arguments.checkpoint_dir(args.load)
+    path = Path(path) if path is not None else arguments.checkpoint_dir(args.load)
     has_optim = any(k.startswith("optimizer.")
                     for k in dist_checkpointing.load_tensors_metadata(str(path)))
     load_optim = None if (args.no_load_optim or args.skip_train or not has_optim) else optimizer
@@ -326,14 +469,12 @@ def load(args, model, optimizer, scheduler):
         compat.distributed_optimizer_torch_adam()
         compat.allocate_adam_state(optimizer)
     sd = _sharded(model, load_optim, is_loading=True)
+    checkpointing.check_kind(sd, path, args.espace_drop_projections)
     baseline = bool(checkpointing.drop_missing_projections(sd, path))
-    try:
-        state = checkpointing.load(sd, path)
-    except BaseException as e:  # CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise SystemExit(f"--load {path}: does not fit this model ({type(e).__name__}: "
-                         f"{str(e)[:500]})") from None
+    if baseline and getattr(args, "resuming", False):
+        raise SystemExit(f"--save {args.save}: holds a checkpoint without ESPACE projections "
+                         f"({path}), not one of this ESPACE run; use a fresh --save")
+    state = checkpointing.load(sd, path, drop_projections=args.espace_drop_projections)
     from megatron_espace.surgery import unwrap
 
     unwrap(model).load_state_dict(state["model"])
@@ -342,16 +483,18 @@ def load(args, model, optimizer, scheduler):
         compat.unshare_adam_steps(optimizer)
     meta_file = path / STATE
     fresh = args.finetune or baseline or not meta_file.is_file()
+    meta = {} if not meta_file.is_file() else json.loads(meta_file.read_text())
+    args.baseline = str(path) if fresh else meta.get("baseline")
     if dist.get_rank() == 0:
         what = (("baseline weights" if baseline else "checkpoint")
                 + (" with optimizer state" if load_optim else " (weights only)"))
-        print(f"loaded {what} from {path}" + ("; starting at iteration 0" if fresh else ""))
+        print(f"loaded {what} from {path}" + ("; starting at iteration 0" if fresh else
+                                             f" at iteration {meta['iteration']}"))
     if fresh:
         if load_optim is not None:  # the loaded param groups carry the old run's lr range
             for group in optimizer.param_groups:
                 group["max_lr"], group["min_lr"] = args.lr, args.min_lr
         return 0, 0
-    meta = json.loads(meta_file.read_text())
     scheduler.load_state_dict(meta["scheduler"])
     _load_rng(path)
     return meta["iteration"], meta["consumed_samples"]
