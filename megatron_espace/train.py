@@ -98,7 +98,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.espace_config is None) != (args.espace_projections is None):
         p.error("--espace-config and --espace-projections go together")
-    weights = _split_weights(p, args.split)
+    args.split_weights = weights = _split_weights(p, args.split)
     if args.eval_iters > 0 and weights[1] == 0:
         p.error(f"--split {args.split} leaves no validation data, but --eval-iters "
                 f"{args.eval_iters} evaluates on it; give the validation split a weight "
@@ -169,7 +169,7 @@ def run(args) -> dict:
     if args.save and not args.skip_train:
         _refuse_overwriting(args.save, iteration)
     if projections is not None and rank0:
-        _warn_other_checkpoint(args, projections, source)
+        _warn_other_checkpoint(args, projections)
     train_ds, valid_ds, test_ds = _datasets(args, tokenizer, gbs)
 
     # ---------------------------------------------------------------- the loop
@@ -277,7 +277,6 @@ def _start_point(args):
     args.resuming = False
     if args.load and ((Path(args.load) / TRACKER).is_file()
                       or (Path(args.load) / "metadata.json").is_file()):
-        tracked(args.load, "--load")
         return arguments.checkpoint_dir(args.load)
     if args.pretrained_checkpoint:
         args.finetune = True
@@ -297,7 +296,7 @@ def _refuse_overwriting(save, iteration: int) -> None:
             "if it lags), move them away, or use another --save")
 
 
-def _warn_other_checkpoint(args, projections, source) -> None:
+def _warn_other_checkpoint(args, projections) -> None:
     """Warn when the projections were calibrated on another checkpoint than the run's
     baseline (``info['checkpoint']``, written by calibrate)."""
     calibrated = projections.info.get("checkpoint")
@@ -367,10 +366,8 @@ def _datasets(args, tokenizer, gbs):
     from megatron_espace.data import build_datasets
 
     # every evaluation uses the same held-out batches, so perplexities compare exactly
-    weights = [float(w) for w in args.split.replace("/", ",").split(",")]
     wanted = (args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs)
-    sizes = tuple(n if i >= len(weights) or weights[i] > 0 else None
-                  for i, n in enumerate(wanted))
+    sizes = tuple(n if w > 0 else None for w, n in zip(args.split_weights, wanted))
     return build_datasets(args.data_path, seq_length=args.seq_length, split=args.split,
                           num_samples=sizes, tokenizer=tokenizer, seed=args.seed,
                           path_to_cache=args.data_cache_path)

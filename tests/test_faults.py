@@ -260,3 +260,42 @@ def test_kill_launcher_lock_and_requeue(data):
         f"iteration {done}" in requeue.stdout, requeue.stdout
     assert _tracker(save) == str(done + 1)
     assert not (save / ".espace-save.lock").exists()  # released on exit
+
+
+def test_slurm_requeue_script_requeues_on_the_time_limit_signal(tmp_path):
+    """launch/slurm_requeue.sbatch with stand-ins for scontrol and srun: USR1 (what
+    ``--signal=B:USR1@600`` sends) stops the step and requeues the same job id."""
+    import time
+
+    script = ROOT / "launch" / "slurm_requeue.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(
+        f"#!/usr/bin/env bash\necho \"$@\" >> {log}\n"
+        "if [ \"$1\" = show ]; then echo node-a; fi\n")
+    (bin_dir / "srun").write_text("#!/usr/bin/env bash\nexec sleep 60\n")  # a long step
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-a",
+               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(ROOT),
+               SAVE=str(tmp_path / "ckpt"), DATA_PATH="/d")
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.is_file() and "show hostnames" in log.read_text()):
+            assert time.monotonic() < deadline and job.poll() is None, job.stdout.read()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        job.send_signal(signal.SIGUSR1)
+        out, _ = job.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out
+    assert "requeue 4242" in log.read_text().splitlines(), (log.read_text(), out)
+    assert "requeueing job 4242" in out
