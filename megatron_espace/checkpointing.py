@@ -108,33 +108,37 @@ def manifest(checkpoint_dir) -> dict:
 
 def check_kind(sharded_state_dict: dict, checkpoint_dir, drop_projections: bool = False,
                flag: str = "--load") -> None:
-    """Refuse a checkpoint of another kind than the model: compressed vs not, projections
-    the model would drop. The message names the flags that load it."""
+    """Refuse a checkpoint of another kind than the model: compressed (its ``espace.json``
+    manifest, or its keys) vs not, projections the model would drop. The message names the
+    flags that load it."""
     path = Path(checkpoint_dir)
     wanted = _keys(sharded_state_dict)
+    stored = list(dist_checkpointing.load_tensors_metadata(str(path)))
     compressed_model = any(k.split(".")[-1] == COMPRESSED_KEY for k in wanted)
     info = manifest(path)
-    if info is not None and not compressed_model:
+    if (info is not None or any(k.split(".")[-1] == COMPRESSED_KEY for k in stored)) \
+            and not compressed_model:
+        why = (f"{MANIFEST}: {len(info.get('layers', {}))} compressed layers, converted from "
+               f"{info.get('source')}" if info is not None else f"its layers hold {COMPRESSED_KEY}")
+        info = info or {}
         raise CheckpointError(
-            f"{flag} {path}: a compressed ESPACE checkpoint ({MANIFEST}: "
-            f"{len(info.get('layers', {}))} compressed layers, converted from "
-            f"{info.get('source')}); load it with --espace-compressed --espace-config "
-            f"{info.get('espace_config')} --espace-projections {info.get('projections')}")
-    if info is None and compressed_model:
+            f"{flag} {path}: a compressed ESPACE checkpoint ({why}); load it with "
+            f"--espace-compressed --espace-config {info.get('espace_config', 'CONFIG')} "
+            f"--espace-projections {info.get('projections', 'PROJECTIONS')}")
+    if compressed_model and not any(k.split(".")[-1] == COMPRESSED_KEY for k in stored):
         raise CheckpointError(
-            f"{flag} {path}: not a compressed checkpoint (no {MANIFEST}; `espace convert` "
-            "writes one); drop --espace-compressed")
+            f"{flag} {path}: not a compressed checkpoint (no compressed layers, no "
+            f"{MANIFEST}; `espace convert` writes one); drop --espace-compressed")
     if drop_projections or any(_is_projection_key(k) for k in wanted):
         return
-    stored = [k for k in dist_checkpointing.load_tensors_metadata(str(path))
-              if _is_projection_key(k)]
-    if stored:
+    projections = [k for k in stored if _is_projection_key(k)]
+    if projections:
         state = _run_state(path)
         hint = (f" --espace-config {state.get('espace_config')} --espace-projections "
                 f"{state.get('espace_projections')}" if state.get("espace_config") else "")
         raise CheckpointError(
-            f"{flag} {path}: an ESPACE checkpoint ({len(stored)} projection keys, e.g. "
-            f"{stored[0]}) but this model has no projections; it would load as the dense "
+            f"{flag} {path}: an ESPACE checkpoint ({len(projections)} projection keys, e.g. "
+            f"{projections[0]}) but this model has no projections; it would load as the dense "
             f"model. Pass the ESPACE flags it was trained with{hint}, or "
             "--espace-drop-projections to load its weights without them")
 

@@ -70,7 +70,8 @@ def _start_time(pid: int) -> Optional[float]:
 
 def _owner() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(),
-            "start_time": _start_time(os.getpid()), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "start_time": _start_time(os.getpid()),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -149,7 +150,9 @@ class SaveLock:
         except FileNotFoundError:
             return None
         aside.unlink(missing_ok=True)
-        return None if mine else (f"took over the stale lock {self.path} of pid {holder.get('pid')} on host "
+        if mine:
+            return None
+        return (f"took over the stale lock {self.path} of pid {holder.get('pid')} on host "
                 f"{holder.get('host')}: {reason}")
 
     def release(self) -> None:
