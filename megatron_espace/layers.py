@@ -37,8 +37,12 @@ reduce-scatter ``(t-1)/t`` of the full one), with ``M`` tokens:
   against dense's ``2N·M`` (its output all-reduce): roughly ``L ≤ N/2`` for
   ``M ≫ N``, less for short inputs.
 
-Otherwise (the rule is evaluated per call, on shapes only, the same on every
-rank) they keep the replicated form: column all-reduces ``dZ`` (L wide),
+Under ``torch.no_grad`` (inference) the forward's bytes alone decide: a column
+layer then stays replicated (dense sends nothing forward), a row layer sends
+``(L + N)·M`` (``+ 2N·L`` for ``A``) against ``2N·M``.
+
+Otherwise (the rule is evaluated per call, on shapes and grad mode only, the same
+on every rank) they keep the replicated form: column all-reduces ``dZ`` (L wide),
 row all-reduces ``Z`` and ``A`` and computes ``Ŷ = Z Aᵀ`` on all ``M`` tokens.
 
 For training ``P`` is stored in float32 (float64 for float64 weights) whatever later
@@ -272,7 +276,8 @@ class _ESPACEMixin:
         if tp == 1 or self.sequence_parallel:
             return False
         padded = tokens + (-tokens % tp)
-        return self._inner_sp_bytes(padded) <= self._dense_bytes(tokens)
+        backward = torch.is_grad_enabled()  # forward-only (inference): its bytes alone
+        return self._inner_sp_bytes(padded, backward) <= self._dense_bytes(tokens, backward)
 
     #: whether the GEMM weight is already ``A = W P`` (the compressed form)
     _precomputed = False
@@ -304,13 +309,14 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
             return _Collectives()
         return _Collectives(z_backward=_all_reduce(group))
 
-    def _dense_bytes(self, tokens):  # in elements, ring factors dropped (module doc)
-        return 2 * self.input_size * tokens
+    def _dense_bytes(self, tokens, backward):  # in elements, ring factors dropped (module doc)
+        return 2 * self.input_size * tokens if backward else 0
 
-    def _inner_sp_bytes(self, padded):
+    def _inner_sp_bytes(self, padded, backward):
         if self.disable_grad_reduce:  # the caller reduces dx: the parent moves nothing
             return float("inf")
-        return (2 * self.projection_rank + self.input_size) * padded
+        return (2 * self.projection_rank + self.input_size if backward
+                else self.projection_rank) * padded
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         """``input_ [s(/tp under SP), b, K] -> ([s, b, N/tp] or gathered [s, b, N], bias)``."""
@@ -350,13 +356,15 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
                                 a_forward=_all_reduce(group), a_backward=_all_reduce(group))
         return _Collectives(z_forward=_all_reduce(group), a_forward=_all_reduce(group))
 
-    def _dense_bytes(self, tokens):  # in elements, ring factors dropped (module doc)
+    def _dense_bytes(self, tokens, backward):  # in elements, ring factors dropped (module doc)
         return 2 * self.output_size * tokens
 
-    def _inner_sp_bytes(self, padded):
+    def _inner_sp_bytes(self, padded, backward):
         n, rank = self.output_size, self.projection_rank
-        a_reductions = 2 if self._precomputed else 4  # dA (and A unless precomputed)
-        return (2 * rank + n) * padded + a_reductions * n * rank
+        # Z and Ŷ forward (dZ backward); A unless precomputed (and dA backward)
+        z_widths = 2 * rank + n if backward else rank + n
+        a_reductions = (0 if self._precomputed else 2) + (2 if backward else 0)
+        return z_widths * padded + a_reductions * n * rank
 
     def forward(self, input_):
         """``input_ [s, b, K/tp] -> ([s(/tp under SP), b, N], bias)``."""

@@ -149,6 +149,23 @@ def _tp_all_cases(tp, dtypes):
             r = run_case(case, tp, rank, getattr(torch, dtype_name))
             out.update({f"{i}:{dtype_name}:{key}": value for key, value in r.items()})
         out[f"{i}:dense_bytes"] = run_case(case, tp, rank, espace=False)["bytes"]
+    out.update(_inference_bytes(tp, rank))
+    return out
+
+
+def _inference_bytes(tp, rank):
+    """Bytes sent by a forward under no_grad, ESPACE and dense, per kind (no SP)."""
+    out = {}
+    for kind in ("column", "row"):
+        case = dict(kind=kind, sp=False, bias=False, skip_bias_add=False, K=64, N=96, L=8)
+        x = _full_tensors(case, torch.float64)[2][_local_slices(case, tp, rank)["x"]]
+        for espace in (True, False):
+            layer = _build(case, tp, torch.float64, espace)
+            if espace:
+                layer.set_projection(orthonormal(64, 8))
+            with torch.no_grad(), collective_bytes() as sent:
+                layer(x)
+            out[f"inference:{kind}:{'espace' if espace else 'dense'}"] = sent["bytes"]
     return out
 
 
@@ -177,6 +194,9 @@ def _check_tp(per_rank, tp):
     """float64 exactness, FLOPs per rank <= 1.05 x one-device / TP (split work), bytes sent
     per rank <= the dense layer's, for every case on every rank."""
     assert all(res["probe_bytes"] == 2 * 80 * (tp - 1) / tp for res in per_rank)
+    for res in per_rank:  # forward only: the column layer stays replicated, sends nothing
+        assert res["inference:column:espace"] == res["inference:column:dense"] == 0
+        assert 0 < res["inference:row:espace"] <= res["inference:row:dense"]
     for i, case in enumerate(_cases()):
         one_device = _one_device_flops(i)
         for rank, res in enumerate(per_rank):
