@@ -96,7 +96,7 @@ def inspect(args) -> int:
     bad = []
     for layer in projs.layers():
         for method in projs.methods(layer):
-            vecs, vals = projs.eigen(layer, method)
+            (k, kept), vals = projs.shape(layer, method), projs.eigenvalues(layer, method)
             finite = int(vals.isfinite().sum())
             if finite < vals.numel():
                 bad.append(f"{layer} {method}: {vals.numel() - finite} of {vals.numel()}")
@@ -104,7 +104,7 @@ def inspect(args) -> int:
             else:
                 energy = "".join(f" {energy_kept(vals, r):>9.3f}" for r in ranks)
             mark = " *" if projs.chosen.get(layer) == method else ""
-            print(f"  {layer:<48} {method + mark:<10} {vecs.shape[0]:>6} {vecs.shape[1]:>6}"
+            print(f"  {layer:<48} {method + mark:<10} {k:>6} {kept:>6}"
                   f"{energy}")
     if bad:
         print(f"warning: {args.projections}: non-finite (NaN/Inf) eigenvalues, so these "

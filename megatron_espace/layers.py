@@ -53,7 +53,8 @@ model: the GEMMs used it in that dtype anyway, and it halves P's bytes).
 """
 
 import inspect
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -158,11 +159,22 @@ class _ESPACEMixin:
             return 1, 0
         return self.tp_group.size(), self.tp_group.rank()
 
-    def set_projection(self, proj: Optional[torch.Tensor], *, atol: float = ORTHONORMAL_ATOL):
-        """Install ``proj``: the full ``[input_size, L]`` matrix, identical on every TP rank.
+    def projection_rows(self) -> Tuple[int, int]:
+        """The rows ``(start, stop)`` of the full K×L ``P`` this rank keeps (its K-slice when
+        row-parallel, all K otherwise): what it needs to read from a projections file."""
+        if self._proj_tp_axis is None:
+            return 0, self.input_size
+        tp, rank = self._tp_size_rank()
+        return rank * self.input_size // tp, (rank + 1) * self.input_size // tp
+
+    def set_projection(self, proj: Optional[torch.Tensor], *, rows=None,
+                       atol: float = ORTHONORMAL_ATOL):
+        """Install ``proj``: the full ``[input_size, L]`` matrix, identical on every TP rank,
+        or with ``rows=self.projection_rows()`` only the rows this rank keeps.
 
         The layer keeps its own part (all of it, or its K-rows when row-parallel).
-        Collective over the TP group (the ranks' P are compared).
+        Collective over the TP group (the ranks' P are compared; for row shards, the
+        orthonormality ``Σ_r P_rᵀ P_r = I`` is checked across them).
         ``None`` or ``L = 0`` removes the projection. Raises ``ValueError`` naming the
         layer for a wrong shape, non-orthonormal columns or TP ranks that disagree.
         """
@@ -172,6 +184,13 @@ class _ESPACEMixin:
         where = f"ESPACE layer '{self.espace_name}'"
         if self._espace_unsupported:
             raise ValueError(f"{where}: {self._espace_unsupported}")
+        rows = (0, self.input_size) if rows is None else tuple(rows)
+        if rows != (0, self.input_size):
+            if rows != self.projection_rows():
+                raise ValueError(f"{where}: rows {rows} of P given, this rank keeps rows "
+                                 f"{self.projection_rows()}")
+            self.espace_proj = self._checked_row_shard(proj, where, atol)
+            return
         if proj.dim() != 2 or proj.shape[0] != self.input_size:
             raise ValueError(
                 f"{where}: projection has shape {tuple(proj.shape)}, expected "
@@ -203,6 +222,29 @@ class _ESPACEMixin:
         if self._proj_tp_axis is not None:
             full = full.chunk(tp, dim=self._proj_tp_axis)[rank].contiguous()
         self.espace_proj = full
+
+    def _checked_row_shard(self, proj, where, atol) -> torch.Tensor:
+        """This rank's rows ``P_r`` of a row-parallel P, checked against the other TP ranks'."""
+        start, stop = self.projection_rows()
+        if proj.dim() != 2 or proj.shape[0] != stop - start:
+            raise ValueError(f"{where}: projection rows have shape {tuple(proj.shape)}, "
+                             f"expected [{stop - start}, L] (rows {start}:{stop} of K)")
+        local = proj.detach().to(device=self.weight.device, dtype=self._proj_dtype()).contiguous()
+        rank = torch.tensor([local.shape[1], -local.shape[1]], device=local.device)
+        dist.all_reduce(rank, op=dist.ReduceOp.MAX, group=self.tp_group)
+        if rank[0] != -rank[1] or rank[0] > self.input_size:
+            raise ValueError(f"{where}: tensor-parallel ranks pass ranks L from {-rank[1]} to "
+                             f"{rank[0]} (K={self.input_size})")
+        gram = local.t().to(torch.float64) @ local.to(torch.float64)
+        dist.all_reduce(gram, group=self.tp_group)  # Σ_r P_rᵀ P_r = PᵀP
+        err = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs()
+        err = err.max().item() if err.numel() else 0.0
+        if not math.isfinite(err):
+            raise ValueError(f"{where}: projection contains NaN or Inf (on some TP rank)")
+        if err > atol:
+            raise ValueError(f"{where}: projection columns are not orthonormal: max |PᵀP - I| = "
+                             f"{err:.3e} > {atol:.0e} (P's rows gathered over TP)")
+        return local
 
     def _proj_dtype(self) -> torch.dtype:
         return torch.float64 if self.weight.dtype == torch.float64 else torch.float32

@@ -89,12 +89,15 @@ class SensitivityStudy:
 
     def _set(self, name: str, method: Optional[str]):
         """Give (or take away, with None) one layer's projection, on the stage that holds it."""
+        from megatron_espace.surgery import install_projection
+
         layer = self.local.get(name)
         if layer is None:
             return
-        proj = None if method is None else self.projections.projection(
-            name, method, self.layers[name])
-        layer.set_projection(proj)
+        if method is None:
+            layer.set_projection(None)
+        else:  # reads this rank's slice only: first L columns, its K rows if row-parallel
+            install_projection(layer, self.projections, name, method, self.layers[name])
 
     # -------------------------------------------------------------- the study
 

@@ -178,27 +178,37 @@ def apply_espace(model: torch.nn.Module, cfg: ESPACEConfig,
     stages, projections across TP ranks).
     """
     plans = plan_espace(model, cfg, projections)
-    chosen = {}
     for name, plan in plans.items():  # check everything before changing anything
         if plan.method == AUTO:
             raise cfg.error(cfg.rule_for(name), "method",
                             f"'auto' needs a per-layer method choice (from the sensitivity "
                             f"pass) and {projections.source} has none for '{name}'")
         check_fits(projections, name, plan)
-        chosen[name] = projections.projection(name, plan.method, plan.rank)
-    layers = as_espace_layers(model, list(chosen))
-    for name, proj in chosen.items():
-        layers[name].set_projection(proj)
+    layers = as_espace_layers(model, list(plans))
+    for name, plan in plans.items():
+        install_projection(layers[name], projections, name, plan.method, plan.rank)
     return plans
 
 
+def install_projection(layer, projections: Projections, name: str, method: str,
+                       rank: int) -> None:
+    """``layer.set_projection`` with only what this rank keeps read from ``projections``:
+    the first ``rank`` columns, and a row-parallel rank's K/TP rows. Collective over TP."""
+    rows = layer.projection_rows()
+    layer.set_projection(projections.projection(name, method, rank, rows=rows), rows=rows)
+
+
 def check_fits(projections: Projections, name: str, plan: LayerPlan) -> None:
-    """Refuse, naming the file and layer, projections made for another model's layer."""
-    vecs, _ = projections.eigen(name, plan.method)
-    if vecs.shape[0] != plan.K:
-        raise ValueError(f"{projections.source}: layer '{name}' has K={vecs.shape[0]}, but "
+    """Refuse, naming the file and layer, projections made for another model's layer
+    (reads the file's index only)."""
+    k, kept = projections.shape(name, plan.method)
+    if k != plan.K:
+        raise ValueError(f"{projections.source}: layer '{name}' has K={k}, but "
                          f"the model's layer has input_size={plan.K}: the projections were "
                          "made for another model")
+    if plan.rank > kept:
+        raise ValueError(f"{projections.source}: layer '{name}' method '{plan.method}' keeps "
+                         f"{kept} eigenvectors, rank {plan.rank} asked")
     recorded = projections.info.get("layers", {}).get(name, {})
     if recorded.get("N", plan.N) != plan.N or recorded.get("kind", plan.kind) != plan.kind:
         raise ValueError(f"{projections.source}: layer '{name}' was calibrated as a "

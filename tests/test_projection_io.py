@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import megatron_espace as espace
 from megatron_espace.projection import write_index, write_part
+from tests.common import gpt_model, random_projections, transformer_config
+from tests.harness import run_distributed
 
 
 def _eigen(k, r, seed):
@@ -162,3 +164,79 @@ def test_damaged_files_are_refused_naming_the_file(tmp_path):
                                                  "version": 3}))
     with pytest.raises(ValueError, match="version 3, this build reads 2; recalibrate"):
         espace.Projections.load(path)
+
+
+# ------------------------------------------------------------------ readers take slices
+
+L = 8
+APPLY = {"layers": [{"match": "decoder.layers.*", "rank": L, "method": "mse"}]}
+
+
+def _apply_and_sensitivity(path, tp, pp):
+    """apply_espace, then the sensitivity study's per-layer set, on one rank of TP x PP."""
+    from megatron.core import parallel_state
+
+    from megatron_espace import runtime
+    from megatron_espace.sensitivity import SensitivityStudy
+    from megatron_espace.surgery import linear_layers
+
+    runtime.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model = gpt_model(transformer_config(tp=tp, pp=pp))
+    projs = espace.Projections.load(path)
+    plans = espace.apply_espace(model, espace.ESPACEConfig.from_dict(APPLY), projs)
+    applied = projs.bytes_read
+    full = espace.Projections.load(path)  # the reference: whole columns, read separately
+    for name, layer in linear_layers(model).items():
+        start, stop = layer.projection_rows()
+        p = layer.espace_proj
+        assert torch.equal(p, full.projection(name, "mse", L)[start:stop]), name
+        assert p.untyped_storage().nbytes() == p.numel() * 4, name  # no file mapping kept
+    study = SensitivityStudy(model, projs, {n: L // 2 for n in plans}, lambda m: 0.0)
+    for name in plans:
+        study._set(name, "nmse")
+    errors = []
+    row = next(m for m in linear_layers(model).values() if m.projection_rows()[0] > 0 or (
+        m.projection_rows()[1] < m.input_size))
+    start, stop = row.projection_rows()
+    for proj, rows in ((2 * row.espace_proj, (start, stop)),  # a shard of a non-orthonormal P
+                       (row.espace_proj, (row.input_size - stop, row.input_size - start))):
+        try:
+            row.set_projection(proj, rows=rows)
+        except ValueError as e:
+            errors.append(str(e))
+    return {"applied": applied, "sensitivity": projs.bytes_read - applied, "errors": errors,
+            "layers": {n: [p.kind, p.K] for n, p in plans.items()},
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+
+
+def test_each_rank_reads_only_its_slices_at_tp2_pp2(megatron_tp1, tmp_path):
+    path = tmp_path / "p.safetensors"
+    random_projections(gpt_model(transformer_config()), methods=("mse", "nmse")).save(path)
+    whole = sum(f.stat().st_size for f in path.iterdir())
+    results = run_distributed(_apply_and_sensitivity, nprocs=4, path=str(path), tp=2, pp=2)
+    for r in results:
+        layers = r["layers"]
+        assert layers and {n.split(".")[2] for n in layers} == {str(r["pp_rank"])}
+        rows = {n: k if kind == "column" else k // 2 for n, (kind, k) in layers.items()}
+        assert r["applied"] == sum(rows.values()) * L * 4  # first L columns, own rows
+        assert r["sensitivity"] == sum(rows.values()) * (L // 2) * 4
+        assert {kind for kind, _ in layers.values()} == {"column", "row"}
+        assert len(r["errors"]) == 2
+        assert "not orthonormal: max |PᵀP - I| = 3.000e+00" in r["errors"][0]
+        assert "of P given, this rank keeps rows" in r["errors"][1]
+    # 4 GEMMs of one layer (K = 64, 64, 64, 128), of 2 layers x 2 methods in the file
+    assert results[0]["applied"] == (64 + 32 + 64 + 64) * L * 4 == 7168 and whole > 450_000
+
+
+def test_inspect_reads_eigenvalues_only(tmp_path, monkeypatch, capsys):
+    from megatron_espace import cli
+    from megatron_espace.projection import Projections
+
+    path = tmp_path / "p.safetensors"
+    _write(path, [_items(["a", "b"])])
+    keys, read = [], Projections._read
+    monkeypatch.setattr(Projections, "_read",
+                        lambda self, entry, key, *a: keys.append(key) or read(self, entry, key, *a))
+    assert cli.main(["inspect", str(path), "--ranks", "2"]) == 0
+    assert sorted(keys) == ["a::mse::vals", "a::nmse::vals", "b::mse::vals", "b::nmse::vals"]
+    assert "a" in capsys.readouterr().out
