@@ -61,9 +61,11 @@ def forward_collect(model, micro, seq_length: int, micro_batch_size: int, reduce
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_espace.runtime import device
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = model(batch["tokens"].to(device()), batch["position_ids"].to(device()), None)
         return output, lambda logits, non_loss_data=True: reduce(batch, logits)
 
     return list(get_forward_backward_func()(
