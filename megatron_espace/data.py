@@ -186,6 +186,8 @@ def batch_iterator(dataset, micro_batch_size: int, start: int = 0, dp_rank: int 
     ``position_ids`` ([b, s] int64) and ``loss_mask`` ([b, s] float32) to CPU tensors.
     Resuming at ``start = consumed samples`` repeats exactly what continuing would give.
     """
+    if dataset is None:
+        raise ValueError("batch_iterator: no dataset (a split of weight 0 in --split)")
     if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or start < 0:
         raise ValueError(f"batch_iterator: bad micro_batch_size={micro_batch_size}, "
                          f"dp_rank={dp_rank}, dp_size={dp_size} or start={start}")

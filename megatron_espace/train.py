@@ -235,6 +235,7 @@ def run(args) -> dict:
         evaluate_now(f"the end of training (iteration {iteration})", test_ds, "test")
     history["iteration"] = iteration
     runtime.destroy()
+    save_dir.release_all()
     return history
 
 
@@ -298,15 +299,21 @@ def _refuse_overwriting(save, iteration: int) -> None:
 
 def _warn_other_checkpoint(args, projections) -> None:
     """Warn when the projections were calibrated on another checkpoint than the run's
-    baseline (``info['checkpoint']``, written by calibrate)."""
-    calibrated = projections.info.get("checkpoint")
-    if isinstance(calibrated, dict):
-        calibrated = calibrated.get("path")
-    baseline = args.baseline
+    baseline. ``info['checkpoint']`` (written by calibrate) is a ``fingerprint.checkpoint``
+    (compared by content while the baseline exists) or, in older files, a path."""
+    from megatron_espace import fingerprint
+
+    calibrated, baseline = projections.info.get("checkpoint"), args.baseline
     if not calibrated or baseline is None:
         return
-    if Path(calibrated).resolve() != Path(baseline).resolve():
-        print(f"WARNING: {args.espace_projections} was calibrated on {calibrated}, but this "
+    if isinstance(calibrated, dict) and "metadata" in calibrated and Path(baseline).is_dir():
+        same = calibrated["metadata"] == fingerprint.checkpoint(baseline)["metadata"]
+    else:
+        path = calibrated.get("path", "") if isinstance(calibrated, dict) else calibrated
+        same = Path(path).resolve() == Path(baseline).resolve()
+    if not same:
+        where = calibrated.get("path") if isinstance(calibrated, dict) else calibrated
+        print(f"WARNING: {args.espace_projections} was calibrated on {where}, but this "
               f"run's baseline is {baseline}: the projections may not fit its weights",
               flush=True)
 

@@ -2,6 +2,7 @@
 clear error or the right behaviour. Most run one after another in one process (the import
 and model build are paid once); the launcher kill runs under a real torchrun."""
 
+import argparse
 import builtins
 import contextlib
 import io
@@ -74,6 +75,13 @@ def _scenarios(root):
     base = root / "base"
     _train(_argv(root, "--train-iters", "2", "--save", str(base)))
 
+    # Megatron-LM's first launch: --load (= --save) holds nothing yet, --pretrained-checkpoint
+    pre = root / "pre"
+    res, out = _train(_argv(root, "--train-iters", "1", "--load", str(pre), "--save", str(pre),
+                            "--pretrained-checkpoint", str(base)))
+    assert f"loaded checkpoint with optimizer state from {base / 'iter_0000002'}; starting " \
+        "at iteration 0" in out and res["iteration"] == 1, out
+
     # NaN: stops at the first bad iteration, exits with it, never saves it
     nan = root / "nan"
     msg, _ = _train(_argv(root, "--train-iters", "6", "--lr", "1e20", "--save", str(nan),
@@ -109,6 +117,24 @@ def _scenarios(root):
     assert f"--load {base} is not read" in out, out
     assert sorted(p.name for p in esp.glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     assert f"calibrated on {root / 'other'}" in out  # the baseline is remembered on resume
+
+    # calibrate records a fingerprint of its checkpoint: compared by content, not by path
+    from megatron_espace import fingerprint
+    from megatron_espace.projection import Projections
+
+    def warning(calibrated_on, baseline):
+        recorded = Projections()
+        recorded.info["checkpoint"] = fingerprint.checkpoint(calibrated_on)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            train._warn_other_checkpoint(argparse.Namespace(
+                baseline=str(baseline), espace_projections="p.safetensors"), recorded)
+        return out.getvalue()
+
+    shutil.copytree(base / "iter_0000002", root / "copy" / "iter_0000002")
+    assert warning(base / "iter_0000002", root / "copy" / "iter_0000002") == ""  # same bytes
+    assert f"p.safetensors was calibrated on {nan / 'iter_0000001'}, but this run's baseline " \
+        f"is {base / 'iter_0000002'}" in warning(nan / "iter_0000001", base / "iter_0000002")
 
     # never overwrite an iteration newer than the one loaded (tracker set back by hand)
     (esp / "latest_checkpointed_iteration.txt").write_text("2")
