@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 import psutil
@@ -242,6 +243,8 @@ def test_kill_launcher_lock_and_requeue(data):
     job = subprocess.Popen(_torchrun(command), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     family = []
+    watchdog = threading.Timer(400, os.killpg, (job.pid, signal.SIGKILL))  # bounds the wait
+    watchdog.start()
     try:
         lines = []
         for line in job.stdout:  # until a checkpoint is in: the ranks' helpers then exist
@@ -268,6 +271,7 @@ def test_kill_launcher_lock_and_requeue(data):
         gone, alive = psutil.wait_procs(family, timeout=60)
         assert not alive, [(p.pid, p.cmdline()) for p in alive]
     finally:
+        watchdog.cancel()
         for p in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
