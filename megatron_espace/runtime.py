@@ -191,28 +191,34 @@ def run_main(main, *args, **kwargs) -> int:
         message = _user_error_message(e)
         if isinstance(e, SystemExit) and message is None:
             raise  # sys.exit(code): not an error report
-        if message is None or debug:
-            sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
-        elif rank == 0 or not many:
-            sys.stderr.write(f"error: {message}\n")
-        elif not getattr(e, "all_ranks", False):
-            import time
+        try:  # whatever happens while reporting (a closed pipe), the process ends
+            if message is None or debug:
+                sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
+            elif rank == 0 or not many:
+                sys.stderr.write(f"error: {message}\n")
+            elif not getattr(e, "all_ranks", False):
+                import time
 
-            time.sleep(3)  # rank 0 failing too gets us killed by torchrun: one line in all
-            sys.stderr.write(f"[rank {rank}] error: {message}\n")
-        _exit_now(1)
+                time.sleep(3)  # rank 0 failing too gets us killed by torchrun: one line in all
+                sys.stderr.write(f"[rank {rank}] error: {message}\n")
+        finally:
+            _exit_now(1)
 
 
 def _exit_now(code: int) -> None:
     """Flush, end this process's helpers (e.g. dist_checkpointing's Manager), release the
     ``--save`` lock and ``os._exit``."""
+    import contextlib
     import multiprocessing
 
     from megatron_espace import save_dir
 
-    sys.stderr.flush()
-    sys.stdout.flush()
-    save_dir.release_all()
-    for child in multiprocessing.active_children():
-        child.kill()
-    os._exit(code)
+    try:
+        for stream in (sys.stderr, sys.stdout):
+            with contextlib.suppress(Exception):  # e.g. BrokenPipeError: the reader is gone
+                stream.flush()
+        save_dir.release_all()
+        for child in multiprocessing.active_children():
+            child.kill()
+    finally:
+        os._exit(code)
