@@ -4,8 +4,9 @@ YAML or dict (DESIGN section 5)::
 
     calibration:
       methods: [mse, nmse, go_mse, go_mse_l2, nl_mse, nl_mse_l2]
-      dtype: auto                   # accumulators: float64 for K <= 8192, else float32
+      dtype: auto                   # per-batch products: float32 (float64 for float64 models)
       max_skipped_fraction: 0.05    # batches with NaN/Inf a layer may skip before failing
+      max_device_gib: 16            # per-GPU statistics budget; more passes when exceeded
     layers:                         # first match wins; glob over module names
       - match: "decoder.layers.*.mlp.linear_fc1"
         rank: 256                   # or  compression: 0.5
@@ -59,8 +60,9 @@ class LayerRule:
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
     methods: tuple = METHODS
-    dtype: str = "auto"  # accumulator dtype: auto (float64 for K <= 8192) | float64 | float32
+    dtype: str = "auto"  # per-batch product dtype: auto (float32; float64 models: float64)
     max_skipped_fraction: float = 0.05  # batches with non-finite values a layer may skip
+    max_device_gib: Optional[float] = None  # statistics budget per GPU (None: one pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,8 @@ class ESPACEConfig:
         calib = data.get("calibration") or {}
         if not isinstance(calib, dict):
             fail("calibration", "must be a mapping")
-        _no_unknown(calib, {"methods", "dtype", "max_skipped_fraction"}, "calibration.", fail)
+        _no_unknown(calib, {"methods", "dtype", "max_skipped_fraction", "max_device_gib"},
+                    "calibration.", fail)
         methods = calib.get("methods", list(METHODS))
         if not isinstance(methods, list) or not methods:
             fail("calibration.methods",
@@ -116,6 +119,10 @@ class ESPACEConfig:
         skip = calib.get("max_skipped_fraction", 0.05)
         if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0 <= skip <= 1:
             fail("calibration.max_skipped_fraction", f"must be a number in [0, 1], got {skip!r}")
+        gib = calib.get("max_device_gib")
+        if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float))
+                                or not gib > 0):
+            fail("calibration.max_device_gib", f"must be a positive number of GiB, got {gib!r}")
 
         layers = data.get("layers")
         if not isinstance(layers, list) or not layers:
@@ -145,8 +152,9 @@ class ESPACEConfig:
             if method != AUTO and method not in methods:
                 fail(f"{field}.method", f"{method!r} is not in calibration.methods {methods}")
             rules.append(LayerRule(match, rank, None if comp is None else float(comp), method, i))
-        return cls(rules, CalibrationConfig(tuple(methods), dtype, float(skip)), source,
-                   multiple)
+        return cls(rules, CalibrationConfig(tuple(methods), dtype, float(skip),
+                                            None if gib is None else float(gib)),
+                   source, multiple)
 
     def rule_for(self, name: str) -> Optional[LayerRule]:
         """The first rule whose glob matches ``name``, or None."""

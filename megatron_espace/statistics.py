@@ -17,12 +17,13 @@ method         K×K matrix whose top eigenvectors form P                      re
                truncated SVD), the weight-side approach, for comparison
 =============  ============================================================  ==========
 
-Each batch's product is computed in float32 (float64 for float64 activations; never in
-bf16), and added to a running sum kept in float64 (or float32 for very wide layers) with an
-explicit count; no activation is kept between updates.
+Each batch's product is computed in float32 on the device (float64 for float64 activations;
+never in bf16) into a per-batch buffer that is flushed every few micro-batches into a float64
+upper triangle on the host, with an explicit count; no activation is kept between updates.
+``C_W`` is not accumulated: it is recomputed from the weight when the matrix is formed.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,98 +38,101 @@ NEEDS = {
 INDEFINITE = frozenset({"go_mse", "go_mse_l2", "nl_mse", "nl_mse_l2"})
 
 
-def accumulator_dtype(k: int, choice: str = "auto") -> torch.dtype:
-    """float64 for K ≤ 8192 under ``auto``, else float32; or the explicit choice."""
+def device_dtype(activation_dtype: torch.dtype, choice: str = "auto") -> torch.dtype:
+    """Per-batch products: float32 (float64 for float64 activations) under ``auto``."""
     if choice == "auto":
-        return torch.float64 if k <= 8192 else torch.float32
+        return torch.float64 if activation_dtype == torch.float64 else torch.float32
     return {"float64": torch.float64, "float32": torch.float32}[choice]
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """``xᵀ x`` (K×K) for ``x [M, K]``.
-
-    On CPU, wide inputs are done as the upper triangle of a 4×4 grid of column blocks,
-    mirrored: 10 block products instead of 16, about 30% faster than one GEMM (torch has no
-    symmetric rank-k update).
-    """
-    k = x.shape[1]
-    if x.device.type != "cpu" or k < 1024:
-        return x.t() @ x
-    b = -(-k // 4)
-    cols = [x[:, i:i + b] for i in range(0, k, b)]
-    out = torch.empty(k, k, dtype=x.dtype)
-    for i, ci in enumerate(cols):
-        for j in range(i, len(cols)):
-            block = ci.t() @ cols[j]
-            out[i * b:i * b + block.shape[0], j * b:j * b + block.shape[1]] = block
-            if j != i:
-                out[j * b:j * b + block.shape[1], i * b:i * b + block.shape[0]] = block.t()
-    return out
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
-class Moment:
-    """A running sum of K×K terms and how many terms (tokens or sequences) it holds."""
-
-    def __init__(self, k: int, dtype=torch.float64, device=None):
-        self.sum = torch.zeros(k, k, dtype=dtype, device=device)
-        self.count = 0
-
-    def mean(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError("no samples were accumulated")
-        return self.sum / self.count
-
-    def _add(self, term: torch.Tensor, count: int) -> bool:
-        # NaN/Inf anywhere in the inputs (or an overflow) shows up in the K×K term and then in
-        # its float64 sum: one reduction instead of a check over the [M, K] inputs.
-        if not bool(torch.isfinite(term.sum(dtype=torch.float64))):
-            return False
-        self.sum += term
-        self.count += count
-        return True
+def _upper_blocks(k: int):
+    """Column blocks for the blocked Gram: 4 for wide inputs (10 block products instead of 16:
+    only the upper triangle is ever read), else one."""
+    b = -(-k // 4) if k >= 1024 else k
+    return [(i, min(i + b, k)) for i in range(0, k, b)]
 
 
-class SecondMoment(Moment):
-    """``C_X = (1/M) Σ x xᵀ`` over all tokens seen, optionally of unit-norm tokens."""
-
-    def __init__(self, k: int, normalize: bool = False, dtype=torch.float64, device=None):
-        super().__init__(k, dtype, device)
-        self.normalize = normalize
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> bool:
-        """Add the tokens of ``x [..., K]``; False (and nothing added) if a value is not finite."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, _compute_dtype(x))
-        if self.normalize:
-            x = _unit(x)
-        return self._add(gram(x), x.shape[0])
+def _is_finite(*ts) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
-class GradientCrossMoment(Moment):
-    """Σ over sequences of ``(X Xᵀ G Gᵀ + G Gᵀ X Xᵀ) / M²`` (App. A.4), counted in sequences.
+class MomentSum:
+    """One symmetric K×K moment: a per-batch buffer on the device and a float64 host sum.
 
-    ``X``, ``G`` (K×M) are one sequence's activations and loss gradients.
+    Products of a batch go into ``buffer`` (K×K, float32 for float32/bf16 activations; only
+    its upper triangle is meaningful); :meth:`flush` adds the buffer's upper triangle into
+    ``host`` (``K(K+1)/2`` float64 on the CPU, row-major) and clears it. ``count`` is the
+    number of terms (tokens or sequences) in ``host``; ``batches`` and ``skipped`` tally the
+    batches offered and those refused for a NaN/Inf.
     """
 
-    def __init__(self, k: int, normalize: bool = False, dtype=torch.float64, device=None):
-        super().__init__(k, dtype, device)
-        self.normalize = normalize
+    def __init__(self, k: int):
+        self.K = k
+        self.host = torch.zeros(k * (k + 1) // 2, dtype=torch.float64)
+        self.count = 0
+        self.batches = 0
+        self.skipped = 0
+        self.buffer: Optional[torch.Tensor] = None
+        self.pending = 0
+
+    def open(self, dtype: torch.dtype, device) -> None:
+        """Allocate the per-batch buffer (zeros) for a pass."""
+        self.buffer = torch.zeros(self.K, self.K, dtype=dtype, device=device)
+        self.pending = 0
+
+    def close(self) -> None:
+        """Flush and free the per-batch buffer."""
+        self.flush()
+        self.buffer = None
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, g: torch.Tensor) -> bool:
-        """Add the ``b`` sequences of ``x, g [s, b, K]``; False if a value is not finite."""
-        dt, dev = _compute_dtype(x), self.sum.device
+    def flush(self) -> None:
+        if self.buffer is None or self.pending == 0:
+            return
+        k, off = self.K, 0
+        for r0 in range(0, k, 1024):  # bounded transient: 1024 rows at a time
+            rows = self.buffer[r0:r0 + 1024]
+            mask = torch.ones_like(rows, dtype=torch.bool).triu(r0)
+            part = rows[mask].to("cpu", torch.float64)
+            self.host[off:off + part.numel()] += part
+            off += part.numel()
+        self.count += self.pending
+        self.buffer.zero_()
+        self.pending = 0
+
+    def _accept(self, ok: bool) -> bool:
+        self.batches += 1
+        self.skipped += not ok
+        return ok
+
+    @torch.no_grad()
+    def add_tokens(self, x: torch.Tensor, normalize: bool = False) -> bool:
+        """``Σ x xᵀ`` over the tokens of ``x [..., K]`` (Thm 1); False if a value is not finite."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.buffer.device, self.buffer.dtype)
+        if not self._accept(_is_finite(x)):
+            return False
+        if normalize:
+            x = _unit(x)
+        blocks = _upper_blocks(self.K)
+        for i, (a0, a1) in enumerate(blocks):
+            for b0, b1 in blocks[i:]:
+                self.buffer[a0:a1, b0:b1].addmm_(x[:, a0:a1].t(), x[:, b0:b1])
+        self.pending += x.shape[0]
+        return True
+
+    @torch.no_grad()
+    def add_sequences(self, x: torch.Tensor, g: torch.Tensor, normalize: bool = False) -> bool:
+        """``Σ_seq (X Xᵀ G Gᵀ + G Gᵀ X Xᵀ) / M²`` (App. A.4) of ``x, g [s, b, K]``."""
+        dt, dev = self.buffer.dtype, self.buffer.device
         xs = x.detach().to(device=dev, dtype=dt).transpose(0, 1)  # [b, M, K]
         gs = g.detach().to(device=dev, dtype=dt).transpose(0, 1)
-        if self.normalize:
+        if not self._accept(_is_finite(xs, gs)):
+            return False
+        if normalize:
             xs, gs = _unit(xs), _unit(gs)
         b, m, k = xs.shape
         if m <= k:  # X (Xᵀ G) Gᵀ through the M×M cross-gram: 2M²K + 2MK² per sequence
@@ -136,7 +140,23 @@ class GradientCrossMoment(Moment):
         else:  # (X Xᵀ)(G Gᵀ): 4MK² + 2K³ per sequence
             u = (xs.transpose(1, 2) @ xs) @ (gs.transpose(1, 2) @ gs)
         u = u.sum(0)
-        return self._add((u + u.t()) / (m * m), b)
+        self.buffer += (u + u.t()) / (m * m)
+        self.pending += b
+        return True
+
+    def mean(self, device=None) -> torch.Tensor:
+        """The full symmetric K×K mean (float64)."""
+        if self.count == 0:
+            raise ValueError("no samples were accumulated")
+        return unpack_upper(self.host, self.K, device) / self.count
+
+
+def unpack_upper(packed: torch.Tensor, k: int, device=None) -> torch.Tensor:
+    """The symmetric K×K float64 matrix whose row-major upper triangle is ``packed``."""
+    full = torch.zeros(k, k, dtype=torch.float64, device=device)
+    rows, cols = torch.triu_indices(k, k, device=device)
+    full[rows, cols] = packed.to(device=device, dtype=torch.float64)
+    return full + full.triu(1).t()
 
 
 def weight_moment(weight: torch.Tensor, normalize: bool = False, dtype=torch.float64):

@@ -50,16 +50,18 @@ def _data(seed=0):
     return xs, rs
 
 
-def _run(kind, cfg=ALL):
+def _loop(xs, rs, batches=None):
+    def forward_loop(m):
+        for i in range(len(xs)) if batches is None else batches:
+            (m(xs[i].clone().requires_grad_(True)) * rs[i]).sum().backward()
+    return forward_loop
+
+
+def _run(kind, cfg=ALL, **kw):
     torch.manual_seed(0)
     model = OneLayer(kind)
     xs, rs = _data()
-
-    def forward_loop(m):
-        for x, r in zip(xs, rs):
-            (m(x.clone().requires_grad_(True)) * r).sum().backward()
-
-    stats = calibrate(model, forward_loop, espace.ESPACEConfig.from_dict(cfg))
+    stats = calibrate(model, _loop(xs, rs), espace.ESPACEConfig.from_dict(cfg), **kw)
     return model, stats, xs, rs
 
 
@@ -93,7 +95,7 @@ def test_six_statistics_match_the_paper_formulas(megatron_tp1, kind):
     name = "block.linear_fc1" if kind == "column" else "block.linear_fc2"
     ref = _reference(model.layer.weight, xs, rs)
     projs = stats.projections()
-    assert stats.layers[name].tokens == S * B * BATCHES
+    assert stats.tokens(name) == S * B * BATCHES
     for method in METHODS:
         c, by_magnitude = stats.matrix(name, method)
         np.testing.assert_allclose(c.numpy(), ref[method], rtol=1e-10, atol=1e-12 * abs(
@@ -102,18 +104,19 @@ def test_six_statistics_match_the_paper_formulas(megatron_tp1, kind):
         order = np.argsort(-(np.abs(vals) if by_magnitude else vals), kind="stable")
         top = vecs[:, order[:L]]
         p = projs.projection(name, method, L).numpy()
-        np.testing.assert_allclose(p @ p.T, top @ top.T, atol=1e-8, err_msg=method)
+        np.testing.assert_allclose(p @ p.T, top @ top.T, atol=1e-6, err_msg=method)  # float32
         np.testing.assert_allclose(projs.eigen(name, method)[1].numpy(), vals[order],
                                    rtol=1e-9, atol=1e-12 * abs(vals).max())
 
 
 def _reconstruction_error(p, xs):
     tokens = torch.cat([x.reshape(-1, K) for x in xs])
+    p = p.to(tokens.dtype)
     return ((tokens - tokens @ p @ p.t()) ** 2).sum(1).mean().item()
 
 
 def test_mse_theorem1_and_against_baselines(megatron_tp1):
-    model, stats, xs, _ = _run("column")
+    model, stats, xs, _ = _run("column", max_rank=K)
     projs = stats.projections()
     name = "block.linear_fc1"
     for rank in (2, 4, 8):
@@ -152,33 +155,53 @@ def test_non_finite_batches_are_skipped_and_counted(megatron_tp1):
                 m(x)
 
     stats = calibrate(model, loop, espace.ESPACEConfig.from_dict(cfg))
-    s = stats.layers["block.linear_fc1"]
-    assert (s.skipped, s.updates, s.tokens) == (1, BATCHES, S * B * (BATCHES - 1))
+    s = stats.moment("block.linear_fc1", "x")
+    assert (s.skipped, s.batches, s.count) == (1, BATCHES, S * B * (BATCHES - 1))
     assert torch.isfinite(stats.projections().eigen("block.linear_fc1", "mse")[0]).all()
     cfg["calibration"]["max_skipped_fraction"] = 0.1
     with pytest.raises(RuntimeError, match=r"block.linear_fc1.*1 of 4 batches had NaN/Inf"):
         calibrate(model, loop, espace.ESPACEConfig.from_dict(cfg))
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(megatron_tp1, tmp_path):
+def test_passes_flushes_and_resume_equal_one_pass(megatron_tp1, tmp_path):
+    """Moment passes, layer passes, flushing every micro-batch and a resume between chunks
+    (a fresh process reloading the shard) all give the one-pass sums; the plan's bytes are
+    the live tensors' bytes; a resume keyed on another run is refused."""
+    from megatron_espace.calibration import StaleStatistics
+
     model, whole, xs, rs = _run("row")
     cfg = espace.ESPACEConfig.from_dict(ALL)
-
-    def part(batches):
-        def loop(m):
-            for i in batches:
-                (m(xs[i].clone().requires_grad_(True)) * rs[i]).sum().backward()
-        return loop
-
-    first = calibrate(model, part([0, 1]), cfg)
-    first.save(tmp_path / "stats")  # ... the job dies here; a new one resumes:
-    resumed = calibrate(model, part([2, 3]), cfg,
-                        statistics=CalibrationStatistics.load(tmp_path / "stats"))
+    name = "block.linear_fc2"
+    # a budget of one K×K float64 buffer: x, xn, nl, nln in four passes
+    stats = calibrate(model, _loop(xs, rs), cfg, max_device_gib=8 * K * K / 2**30,
+                      flush_interval=1)
+    assert [p.items[0] for p in stats.plan.passes] == [((name, m),) for m in
+                                                       ("x", "xn", "nl", "nln")]
+    assert stats.peak_device_bytes == 8 * K * K
     for method in METHODS:
-        torch.testing.assert_close(resumed.matrix("block.linear_fc2", method)[0],
-                                   whole.matrix("block.linear_fc2", method)[0],
+        torch.testing.assert_close(stats.matrix(name, method)[0], whole.matrix(name, method)[0],
                                    rtol=1e-12, atol=1e-15)
-    assert resumed.layers["block.linear_fc2"].tokens == whole.layers["block.linear_fc2"].tokens
+    assert whole.peak_device_bytes == whole.plan.device_bytes_per_gpu == 4 * 8 * K * K
+    assert sum(s.host.nbytes for s in whole.sums.values()) == whole.plan.host_bytes_per_rank \
+        == 4 * 8 * K * (K + 1) // 2
+
+    key = {"checkpoint": "a", "calib_samples": 2}
+    first = espace.calibration.CalibrationStatistics.build(model, cfg)
+    first.accumulate(_loop(xs, rs, [0, 1]), 0)
+    first.done = [2]
+    first.save(tmp_path / "stats", key)  # ... the job dies here; a new one resumes:
+    resumed = espace.calibration.CalibrationStatistics.build(model, cfg)
+    with pytest.raises(StaleStatistics, match=r"checkpoint: saved 'a', now 'b'"):
+        resumed.load(tmp_path / "stats", {"checkpoint": "b", "calib_samples": 4})
+    with pytest.raises(StaleStatistics, match=r"calib_samples: saved 2, now 1"):
+        resumed.load(tmp_path / "stats", {"checkpoint": "a", "calib_samples": 1})
+    resumed.load(tmp_path / "stats", {"checkpoint": "a", "calib_samples": 4})
+    assert resumed.done == [2]
+    resumed.accumulate(_loop(xs, rs, [2, 3]), 0)
+    for method in METHODS:
+        torch.testing.assert_close(resumed.matrix(name, method)[0], whole.matrix(name, method)[0],
+                                   rtol=1e-12, atol=1e-15)
+    assert resumed.tokens(name) == whole.tokens(name)
 
 
 def test_calibrates_an_espace_model_too(megatron_tp1):
@@ -216,16 +239,16 @@ def test_weight_svd_is_the_truncated_svd_of_w(megatron_tp1):
 
     cfg = {"calibration": {"methods": ["weight_svd", "mse"]},
            "layers": [{"match": "block.*", "rank": L, "method": "weight_svd"}]}
-    model, stats, xs, _ = _run("column", cfg)
+    model, stats, xs, _ = _run("column", cfg, max_rank=K)
     projs = stats.projections()
     w = model.layer.weight.detach()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     for rank in (L, K):
-        p = projs.projection("block.linear_fc1", "weight_svd", rank)
+        p = projs.projection("block.linear_fc1", "weight_svd", rank).double()
         best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-        torch.testing.assert_close(w @ p @ p.t(), best, rtol=1e-9, atol=1e-9)
-    p = projs.projection("block.linear_fc1", "weight_svd", K)
-    torch.testing.assert_close(w @ p @ p.t(), w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(w @ p @ p.t(), best, rtol=1e-6, atol=1e-6)
+    p = projs.projection("block.linear_fc1", "weight_svd", K).double()
+    torch.testing.assert_close(w @ p @ p.t(), w, rtol=1e-6, atol=1e-6)
     # as an ESPACE layer it holds what the SVD factors hold: L(K+N) = U_L S_L (N×L) + V_L (K×L)
     espace.apply_espace(model, espace.ESPACEConfig.from_dict(cfg), projs)
     assert espace.count_parameters(model)["gemm"] == L * (K + N)

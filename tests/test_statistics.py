@@ -4,22 +4,38 @@ import pytest
 import torch
 
 from megatron_espace.projection import layer_compression, rank_for_compression, sorted_eigh
-from megatron_espace.statistics import SecondMoment
+from megatron_espace.statistics import MomentSum, unpack_upper
 
 
-def test_second_moment_streams_to_the_batch_formula():
+def test_moment_sum_streams_to_the_batch_formula():
+    """float32 per-batch buffers flushed into float64 upper triangles give the batch
+    formula; the blocked (K >= 1024) upper-block Gram too."""
     g = torch.Generator().manual_seed(0)
-    mix = torch.randn(16, 16, generator=g)
-    batches = [torch.randn(5, 3, 16, generator=g) @ mix for _ in range(4)]
-    acc, nacc = SecondMoment(16), SecondMoment(16, normalize=True)
-    for b in batches:
-        acc.update(b.float())
-        nacc.update(b.float())
-    x = torch.cat([b.reshape(-1, 16) for b in batches]).double()
-    torch.testing.assert_close(acc.mean(), x.t() @ x / 60, rtol=1e-6, atol=1e-6)
-    u = x / x.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(nacc.mean(), u.t() @ u / 60, rtol=1e-6, atol=1e-6)
-    assert acc.count == nacc.count == 60
+    for k, flush_every in ((16, 1), (16, 3), (1030, 2)):
+        mix = torch.randn(k, k, generator=g) / k**0.5
+        batches = [torch.randn(5, 3, k, generator=g) @ mix for _ in range(4)]
+        acc, nacc = MomentSum(k), MomentSum(k)
+        acc.open(torch.float32, "cpu")
+        nacc.open(torch.float32, "cpu")
+        for i, b in enumerate(batches):
+            assert acc.add_tokens(b) and nacc.add_tokens(b, normalize=True)
+            if (i + 1) % flush_every == 0:
+                acc.flush()
+        acc.close()
+        nacc.close()
+        assert acc.buffer is None and acc.host.shape == (k * (k + 1) // 2,)
+        x = torch.cat([b.reshape(-1, k) for b in batches]).double()
+        torch.testing.assert_close(acc.mean(), x.t() @ x / 60, rtol=1e-5, atol=1e-5)
+        u = x / x.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(nacc.mean(), u.t() @ u / 60, rtol=1e-5, atol=1e-5)
+        assert acc.count == nacc.count == 60 and acc.batches == 4
+
+
+def test_upper_triangle_round_trip():
+    a = torch.randn(7, 7, dtype=torch.float64)
+    a = a + a.t()
+    rows, cols = torch.triu_indices(7, 7)
+    torch.testing.assert_close(unpack_upper(a[rows, cols], 7), a, rtol=0, atol=0)
 
 
 def test_sorted_eigh_orders_and_fixes_signs():
@@ -68,10 +84,3 @@ def test_rank_for_compression_reaches_the_target_as_closely_as_the_granularity_a
                                          r"below rank_multiple 64: set a smaller"):
         rank_for_compression(64, 128, 0.5)
 
-
-def test_blocked_gram_equals_the_product():
-    from megatron_espace.statistics import gram
-
-    for k in (100, 1024, 1030):
-        x = torch.randn(64, k, dtype=torch.float64)
-        torch.testing.assert_close(gram(x), x.t() @ x, rtol=1e-12, atol=1e-12)
