@@ -6,7 +6,8 @@ What it measures, on a small GPT (4 layers, hidden 256, seq 256, micro-batch 8, 
 * ``nl_mse``: ``espace.calibrate`` over B forward+backward passes / the same plain passes;
 * eigh: ``stats.projections()`` for every layer and all six methods at world size 1, then
   at world size 2 (data parallel, launched with torchrun): each (layer, method) is
-  decomposed on one rank and broadcast, so the work splits.
+  decomposed on one DP peer of its statistic's owner (balanced by K³) and written into that
+  rank's part of the file, so the work splits.
 
 Run it from the repository root, on a quiet machine:
 
@@ -86,7 +87,7 @@ def eigh_time(model, data):
         torch.distributed.barrier()
     start = time.perf_counter()
     stats.projections()
-    return time.perf_counter() - start, len(stats.layers) * len(METHODS)
+    return time.perf_counter() - start, len(stats.plan.layers) * len(METHODS)
 
 
 def main():
@@ -141,8 +142,8 @@ def main():
          str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size)],
         capture_output=True, text=True, env=env, check=True).stdout
     two = float(next(line.split()[1] for line in out.splitlines() if line.startswith("EIGH")))
-    print(f"\neigh of {count} (layer, method) matrices, float64 (projections(), with "
-          f"broadcasts):\n  world size 1: {one:.2f} s with {threads} threads, {one_single:.2f} s "
+    print(f"\neigh of {count} (layer, method) matrices, float64 (projections(): eigh on the "
+          f"owners, each rank writes its part):\n  world size 1: {one:.2f} s with {threads} threads, {one_single:.2f} s "
           f"with 1 thread\n  world size 2: {two:.2f} s, 1 thread per rank "
           f"(x{one_single / two:.2f} against 1 rank x 1 thread)")
     print(f"ratio mse={rows[0][3] / rows[0][2]:.2f} nl_mse={rows[1][3] / rows[1][2]:.2f} "

@@ -17,6 +17,7 @@ the index, a per-layer summary and a PNG of the eigenvalue spectra.
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -124,9 +125,8 @@ def run_key(args, checkpoint_dir, plan) -> dict:
                        "pipeline_model_parallel_size": plan.pp, "data_parallel_size": plan.dp,
                        "sequence_parallel": bool(args.sequence_parallel),
                        "micro_batch_size": args.micro_batch_size},
-            "passes": [[list(p.moments), {str(s): [list(i) for i in its]
-                                          for s, its in p.items.items()}]
-                       for p in plan.passes]}
+            "passes": {"budget_bytes": plan.budget, "element_bytes": plan.elem,
+                       "moments": ["+".join(p.moments) for p in plan.passes]}}
 
 
 def _is_number(text) -> bool:
@@ -227,8 +227,14 @@ def main(argv=None) -> int:
                             p=f"{p + 1}/{len(passes)}")
     bar.close()
 
+    held = [None] * dist.get_world_size()  # what the run held, against the plan printed
+    dist.all_gather_object(held, [stats.peak_device_bytes, sum(
+        s.host.nbytes for s in stats.sums.values()), _tensor_bytes(stats.shard_path(stats_dir))])
+    memory = {"device_bytes_per_gpu": max(h[0] for h in held),
+              "host_bytes_per_rank": max(h[1] for h in held), "passes": len(passes),
+              "resume_bytes_per_rank": max(h[2] for h in held)}
     info = {"checkpoint": key["checkpoint"], "samples": total, "seq_length": args.seq_length,
-            "data_fingerprint": key["data"]}
+            "data_fingerprint": key["data"], "memory": memory}
     projections = stats.projections(args.out, info=info)
     if rank0:
         print(summary(projections))
@@ -236,6 +242,16 @@ def main(argv=None) -> int:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     runtime.destroy()
     return 0
+
+
+def _tensor_bytes(path) -> int:
+    """Bytes of the (float64) tensors in a resume shard (0 when there is none)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return sum(8 * math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def _take(iterator, n):

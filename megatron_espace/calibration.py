@@ -322,9 +322,15 @@ class StaleStatistics(ValueError):
 def check_key(saved: dict, wanted: dict, path) -> None:
     """Refuse ``saved`` statistics unless they come from what ``wanted`` describes; a larger
     ``calib_samples`` than saved resumes, a smaller one does not."""
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}"
-             for k in sorted(set(saved) | set(wanted))
-             if k != "calib_samples" and saved.get(k) != wanted.get(k)]
+    def walk(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                yield from walk(x, y, f"{prefix}{k}.")
+            elif x != y and f"{prefix}{k}" != "calib_samples":
+                yield f"{prefix}{k}: saved {x!r}, now {y!r}"
+
+    diffs = list(walk(saved, wanted))
     if saved.get("calib_samples", 0) > wanted.get("calib_samples", 0):
         diffs.append(f"calib_samples: saved {saved.get('calib_samples')}, now "
                      f"{wanted.get('calib_samples')} (fewer samples cannot be taken back out)")

@@ -74,7 +74,38 @@ def _projectors(path, rank=8):
             for layer in projs.layers() for m in projs.methods(layer)}
 
 
-def test_calibrate_command_tp1_tp2_and_resume(workdir):
+def _dry_run(root, tp=1, world=1):
+    """``calibrate --dry-run --json`` for the test model, in this process (no Megatron init)."""
+    import contextlib
+    import importlib
+    import io
+    import json
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        importlib.import_module("megatron_espace.calibrate").main(
+            MODEL + ["--dry-run", "--json", "--tensor-model-parallel-size", str(tp),
+                     "--world-size", str(world), "--vocab-size", "257",
+                     "--espace-config", str(root / "espace.yaml")])
+    return json.loads(out.getvalue())
+
+
+def _assert_plan_held(path, plan):
+    """The run's measured bytes (recorded in the file) are the dry run's, exactly."""
+    projs = espace.Projections.load(path)
+    held = dict(projs.info["memory"])
+    assert held.pop("passes") == plan["passes"]
+    for key, value in held.items():
+        assert value == plan[key], key
+    file_bytes = 0
+    for layer in projs.layers():
+        for m in projs.methods(layer):
+            k, r = projs.shape(layer, m)
+            file_bytes += 4 * k * r + 8 * k
+    assert file_bytes == plan["projections_file_bytes"]
+
+
+def test_calibrate_command_layouts_plan_and_resume(workdir):
     one = workdir / "tp1.safetensors"
     run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, one))
     assert one.with_suffix(".png").stat().st_size > 10_000
@@ -82,23 +113,45 @@ def test_calibrate_command_tp1_tp2_and_resume(workdir):
     assert len(projs.layers()) == 8 and projs.methods(projs.layers()[0]) == [
         "go_mse", "mse", "nl_mse"]
     assert projs.info["layers"]["decoder.layers.0.mlp.linear_fc2"]["tokens"] == 16 * 32
+    assert projs.info["checkpoint"]["iteration"] and projs.info["checkpoint"]["metadata"]
+    _assert_plan_held(one, _dry_run(workdir))
 
     two = workdir / "tp2.safetensors"
     run_distributed(_calibrate, nprocs=2, argv=_argv(workdir, two, tp=2))
     dp2 = workdir / "dp2.safetensors"
     run_distributed(_calibrate, nprocs=2, argv=_argv(workdir, dp2))
+    _assert_plan_held(two, _dry_run(workdir, tp=2, world=2))
+    _assert_plan_held(dp2, _dry_run(workdir, world=2))
+    assert (_dry_run(workdir, tp=2, world=2)["host_bytes_per_rank"]
+            < 0.6 * _dry_run(workdir)["host_bytes_per_rank"])
     ref = _projectors(one)
     for other in (two, dp2):
         for key, value in _projectors(other).items():
             torch.testing.assert_close(value, ref[key], atol=1e-3, rtol=0, msg=str(key))
 
-    # "interrupted" after 8 samples: the statistics directory holds them; the rerun resumes
+    # the first of two save-interval chunks is saved, then the job stops (here: it was asked
+    # for 8 samples); the same command with 16 resumes from the shard after that chunk
     part = workdir / "resumed.safetensors"
     run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, part, samples=8))
-    shutil.rmtree(part)  # a projections file is a directory
     run_distributed(_calibrate, nprocs=1, argv=_argv(workdir, part, samples=16))
     for key, value in _projectors(part).items():
         torch.testing.assert_close(value, ref[key], atol=1e-6, rtol=0, msg=str(key))
+
+    # statistics of another run are refused, naming every difference
+    with pytest.raises(Exception, match=r"seq_length: saved 32, now 16.*calib_samples: saved "
+                                        r"16, now 8 \(fewer samples.*--overwrite"):
+        run_distributed(_calibrate, nprocs=1, argv=_argv(
+            workdir, part, samples=8, extra=["--seq-length", "16",
+                                             "--max-position-embeddings", "32"]))
+    import shutil
+
+    shutil.copytree(workdir / "baseline", workdir / "other")
+    (workdir / "mse.yaml").write_text(CONFIG.replace("mse, go_mse, nl_mse", "mse"))
+    other = _argv(workdir, part, extra=["--load", str(workdir / "other"), "--espace-config",
+                                        str(workdir / "mse.yaml")])
+    with pytest.raises(Exception, match=r"checkpoint\.path: saved .*baseline', now .*other'.*; methods: saved "
+                                        r"\['mse', 'go_mse', 'nl_mse'\], now \['mse'\]"):
+        run_distributed(_calibrate, nprocs=1, argv=other)
 
 
 def test_bad_config_fails_before_any_work(workdir, tmp_path):
