@@ -143,7 +143,6 @@ def test_calibrate_command_layouts_plan_and_resume(workdir):
         run_distributed(_calibrate, nprocs=1, argv=_argv(
             workdir, part, samples=8, extra=["--seq-length", "16",
                                              "--max-position-embeddings", "32"]))
-    import shutil
 
     shutil.copytree(workdir / "baseline", workdir / "other")
     (workdir / "mse.yaml").write_text(CONFIG.replace("mse, go_mse, nl_mse", "mse"))
