@@ -51,6 +51,8 @@ def _with(**changes):
     (_with(calibration__methods=["mse", "pca"]), r"calibration\.methods\[1\]: unknown method 'pca'"),
     (_with(calibration__methods=[]), r"calibration\.methods: must be a non-empty list"),
     (_with(calibration__methods=["mse", "mse"]), r"calibration\.methods: lists a method twice"),
+    (_with(calibration__max_device_gib=0), r"calibration\.max_device_gib: must be a positive"),
+    (_with(calibration__max_device_gib="4G"), r"calibration\.max_device_gib: must be a positive"),
     (_with(layers__0__method="svd"), r"layers\[0\]\.method: unknown method 'svd'"),
     (_with(calibration__methods=["mse"]), r"layers\[0\]\.method: 'go_mse' is not in calibration"),
     (_with(layers__0__rank=-4), r"layers\[0\]\.rank: must be a positive integer, got -4"),
