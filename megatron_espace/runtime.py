@@ -180,6 +180,8 @@ def run_main(main, *args, **kwargs) -> int:
     """
     import traceback
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # as early as possible: imports can take minutes
+        die_with_parent()
     debug = _debug(sys.argv)
     rank = int(os.environ.get("RANK", "0"))
     many = int(os.environ.get("WORLD_SIZE", "1")) > 1
