@@ -1,4 +1,4 @@
-"""CPU stand-ins for the CUDA calls megatron-core 0.16.1 makes unconditionally.
+"""CPU stand-ins for the CUDA calls megatron-core (0.16.1 to 0.19.2) makes unconditionally.
 
 Test and demo infrastructure, not the product: :func:`install` is called by
 :func:`megatron_espace.runtime.initialize` only when ``torch.cuda.is_available()``
@@ -10,7 +10,8 @@ What megatron-core does on CPU without these (DESIGN section 6):
   factories, the GlobalMemoryBuffer, pipeline schedules and the optimizer;
 * ``torch.cuda.synchronize()`` and the CUDA RNG state (RNG tracker, activation
   recomputation);
-* ``p.type() == 'torch.cuda.FloatTensor'`` checks in grad clipping and the optimizer.
+* ``p.type() == 'torch.cuda.FloatTensor'`` checks in grad clipping and the optimizer;
+* from 0.19, ``torch.cuda.current_stream()`` in DDP's ``start_grad_sync``.
 
 A :class:`torch.overrides.TorchFunctionMode` rewrites CUDA devices to CPU and
 reports CPU tensors under their CUDA type names; the RNG tracker keeps CPU
@@ -116,6 +117,26 @@ def install_rng_tracker(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
 
 
+class _CPUStream:
+    """``torch.cuda.current_stream()`` on the CPU: work runs in program order, so waiting
+    on a stream or an event has nothing to wait for (megatron-core 0.19's DDP waits on
+    the current stream before every gradient reduction)."""
+
+    def wait_event(self, event=None):
+        pass
+
+    def wait_stream(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+_STREAM = _CPUStream()
+
 _PATCHED = {
     # "cpu", not 0: factories called inside backward (where no TorchFunctionMode is
     # active) get a usable device straight from the call.
@@ -126,6 +147,8 @@ _PATCHED = {
     "manual_seed": lambda *a, **k: None,
     "manual_seed_all": lambda *a, **k: None,
     "empty_cache": lambda *a, **k: None,
+    "current_stream": lambda *a, **k: _STREAM,
+    "default_stream": lambda *a, **k: _STREAM,
 }
 
 

@@ -14,6 +14,7 @@ so the same names hold at any pipeline-parallel size.
 
 import copy
 import dataclasses
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -260,7 +261,9 @@ def get_gpt_layer_espace_spec(**kwargs):
     """megatron's local GPT layer spec with ESPACE linears (for ``--spec`` users).
 
     Keyword arguments go to ``get_gpt_layer_local_spec``. The layers start with no
-    projection (exactly the dense layers); ``apply_espace`` sets P.
+    projection (exactly the dense layers); ``apply_espace`` sets P. ``apply_espace`` alone
+    would also do (it swaps the classes of a model built from the plain local spec); this
+    spec only lets a model be built with ESPACE classes from the start.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -268,19 +271,24 @@ def get_gpt_layer_espace_spec(**kwargs):
 
 
 def _swap_linears(spec):
+    """``spec`` with every Column/RowParallelLinear class replaced by its ESPACE subclass.
+
+    Walks ModuleSpecs, submodule dataclasses and ``functools.partial`` (megatron-core >= 0.18
+    holds the MLP as ``partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``).
+    """
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    if isinstance(spec, type):
+        return _ESPACE_CLASS.get(spec, spec)
+    if isinstance(spec, functools.partial):
+        return functools.partial(spec.func, *[_swap_linears(a) for a in spec.args],
+                                 **{k: _swap_linears(v) for k, v in spec.keywords.items()})
     if isinstance(spec, ModuleSpec):
-        if spec.module in _ESPACE_CLASS:
-            spec.module = _ESPACE_CLASS[spec.module]
-        _swap_linears(spec.submodules)
-    elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        spec.module = _swap_linears(spec.module)
+        spec.submodules = _swap_linears(spec.submodules)
+    elif dataclasses.is_dataclass(spec):
         for field in dataclasses.fields(spec):
-            value = getattr(spec, field.name)
-            if isinstance(value, type) and value in _ESPACE_CLASS:
-                setattr(spec, field.name, _ESPACE_CLASS[value])
-            else:
-                _swap_linears(value)
+            setattr(spec, field.name, _swap_linears(getattr(spec, field.name)))
     return spec
 
 

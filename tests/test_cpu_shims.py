@@ -13,6 +13,9 @@ def test_cuda_devices_map_to_cpu(megatron_tp1):
     assert t.device.type == "cpu" and t.to("cuda").device.type == "cpu"
     assert torch.ones(2).type() == "torch.cuda.FloatTensor"  # what grad clipping asserts
     torch.cuda.synchronize()
+    stream = torch.cuda.current_stream()  # megatron-core 0.19's DDP waits on it
+    stream.wait_event(None)
+    stream.wait_stream(torch.cuda.default_stream())
 
 
 def test_rng_tracker_forks_reproducibly(megatron_tp1):
