@@ -14,7 +14,7 @@ setup(
     # requirements-cpu.txt, a GPU install keeps the CUDA torch it already has.
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "safetensors>=0.4",
         "PyYAML>=6",

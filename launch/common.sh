@@ -177,3 +177,5 @@ espace_exec() {
 # CUDA_DEVICE_MAX_CONNECTIONS=1 keeps megatron's TP/SP communication ordered on GPUs (Megatron-LM
 # asserts it under tensor parallelism); an environment variable only, harmless without CUDA.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# megatron-core >= 0.18 would run `git rev-parse` on every import to stamp its version
+export NO_VCS_VERSION=${NO_VCS_VERSION:-1}

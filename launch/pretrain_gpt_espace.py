@@ -90,6 +90,9 @@ _PROGRAM_START_TIME = time.time()  # as pretrain_gpt.py, before the heavy import
 
 import dataclasses  # noqa: E402
 import os  # noqa: E402
+
+# megatron-core >= 0.18 runs `git rev-parse` on every import to stamp its version: off
+os.environ.setdefault("NO_VCS_VERSION", "1")
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import List, Optional, Tuple  # noqa: E402

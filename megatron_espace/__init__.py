@@ -3,7 +3,12 @@
 See README.md. The public names below are those of DESIGN section 5.
 """
 
+import os
 import warnings
+
+# megatron-core >= 0.18 runs `git rev-parse` in its own directory on every import to append
+# a commit to its version (with a .venv inside a checkout: ours); this turns that off.
+os.environ.setdefault("NO_VCS_VERSION", "1")
 
 # megatron-core announces its pure-torch fallbacks on every import; on CPU they are expected.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")

@@ -63,3 +63,32 @@ def unshare_adam_steps(optimizer) -> None:
         for state in inner.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
+
+
+def set_param_group_lr(optimizer_state: dict, max_lr: float, min_lr: float) -> int:
+    """Give every saved param group of a loaded optimizer state this run's lr range.
+
+    Retraining from a baseline's Adam state runs at a new ``--lr``. From 0.19,
+    ``load_state_dict`` pairs saved and current param groups by a key that includes
+    ``max_lr``/``min_lr`` (``param_group_identifier_keys``), so a baseline saved at
+    another lr raises ``Could not find parameter group``; up to 0.18 groups pair by
+    position and the saved ``max_lr`` would silently replace this run's. Our trainer
+    builds every group at ``--lr``/``--min-lr``, so rewriting the saved groups before
+    the load is right on every version. Returns the number of groups changed.
+    """
+    changed = 0
+    stack = [optimizer_state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "param_groups" and isinstance(value, list):
+                    for group in value:
+                        if isinstance(group, dict) and "max_lr" in group:
+                            group["max_lr"], group["min_lr"] = max_lr, min_lr
+                            changed += 1
+                else:
+                    stack.append(value)
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return changed

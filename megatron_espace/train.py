@@ -478,15 +478,17 @@ def load(args, model, optimizer, scheduler, path=None):
     if baseline and getattr(args, "resuming", False):
         raise SystemExit(f"--save {args.save}: holds a checkpoint without ESPACE projections "
                          f"({path}), not one of this ESPACE run; use a fresh --save")
+    meta_file = path / STATE
+    fresh = args.finetune or baseline or not meta_file.is_file()
     state = checkpointing.load(sd, path, drop_projections=args.espace_drop_projections)
     from megatron_espace.surgery import unwrap
 
     unwrap(model).load_state_dict(state["model"])
     if load_optim is not None:
+        if fresh:  # the saved param groups carry the old run's lr range: retrain at this one
+            compat.set_param_group_lr(state["optimizer"], args.lr, args.min_lr)
         optimizer.load_state_dict(state["optimizer"])
         compat.unshare_adam_steps(optimizer)
-    meta_file = path / STATE
-    fresh = args.finetune or baseline or not meta_file.is_file()
     meta = {} if not meta_file.is_file() else json.loads(meta_file.read_text())
     args.baseline = str(path) if fresh else meta.get("baseline")
     if dist.get_rank() == 0:
@@ -495,9 +497,6 @@ def load(args, model, optimizer, scheduler, path=None):
         print(f"loaded {what} from {path}" + ("; starting at iteration 0" if fresh else
                                              f" at iteration {meta['iteration']}"))
     if fresh:
-        if load_optim is not None:  # the loaded param groups carry the old run's lr range
-            for group in optimizer.param_groups:
-                group["max_lr"], group["min_lr"] = args.lr, args.min_lr
         return 0, 0
     scheduler.load_state_dict(meta["scheduler"])
     _load_rng(path)
