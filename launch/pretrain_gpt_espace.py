@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Megatron-LM's ``pretrain_gpt.py`` with ESPACE, without editing a Megatron-LM file.
 
-    export MEGATRON_LM_PATH=/path/to/Megatron-LM        # a checkout at tag core_v0.16.1
+    export MEGATRON_LM_PATH=/path/to/Megatron-LM   # checkout at tag core_vX for megatron-core X
     torchrun --nproc_per_node=8 launch/pretrain_gpt_espace.py \\
         <your usual pretrain_gpt.py flags> --transformer-impl local \\
         --load /ckpt/baseline --save /ckpt/espace \\
@@ -97,8 +97,12 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import List, Optional, Tuple  # noqa: E402
 
-#: the Megatron-LM tag this wrapper was written against (pretrain_gpt.py, training.py)
-MEGATRON_LM_TAG = "core_v0.16.1"
+#: the Megatron-LM tags this wrapper was written against (pretrain_gpt.py, training.py); it
+#: works with any core_vX from the first to the last, paired with pip megatron-core X
+MEGATRON_LM_TAGS = ("core_v0.16.1", "core_v0.19.2")
+MEGATRON_LM_TAG = "core_vX (X = the installed megatron-core, from 0.16.1 to 0.19.2)"
+#: pretrain_gpt.py's args_defaults at every supported tag
+ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}
 #: the buffer name of P in ESPACE layers (``megatron_espace.checkpointing.PROJECTION_KEY``)
 PROJECTION_KEY = "espace_proj"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -356,11 +360,21 @@ def checkout_core_version(root) -> Optional[str]:
     return ".".join(values[k] for k in ("MAJOR", "MINOR", "PATCH"))
 
 
+def _version_tuple(version: str) -> tuple:
+    """``"0.19.2"`` / ``"0.18.0rc1+abc"`` -> ``(0, 19, 2)`` / ``(0, 18, 0)``."""
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("rc")[0].split("+")[0])[:3])
+
+
 def check_megatron_versions(root) -> None:
     """Refuse a checkout whose megatron-core differs from the installed one (set
     ``ESPACE_ALLOW_MEGATRON_MISMATCH=1`` to go on anyway)."""
     from megatron.core.package_info import __version__ as installed
 
+    if not (0, 16, 1) <= _version_tuple(installed) < (0, 20):
+        print(f"WARNING: megatron-core {installed} is outside the range this wrapper supports "
+              f"({' to '.join(MEGATRON_LM_TAGS)})", file=sys.stderr)
     theirs = checkout_core_version(root)
     if theirs is None or installed.startswith(theirs):
         return
@@ -551,8 +565,44 @@ def extra_args_provider(parser):
     return espace_args(parser)
 
 
+def pretrain_api(pretrain) -> str:
+    """Which ``pretrain()`` Megatron-LM has: ``"args"`` or ``"config"``.
+
+    * ``"args"`` (core_v0.16.1, 0.17): ``pretrain(train_valid_test_dataset_provider,
+      model_provider, model_type, forward_step_func, ..., extra_args_provider,
+      args_defaults, ...)`` parses the flags itself.
+    * ``"config"`` (core_v0.18, 0.19): ``pretrain(cfg_container, train_valid_test_dataset_
+      provider, ...)`` takes a ``PretrainConfigContainer`` built beforehand with
+      ``parse_and_validate_args`` and ``pretrain_cfg_container_from_args``; in 0.18
+      ``model_provider`` is the third positional parameter, from 0.19 a keyword after
+      ``forward_step_func``: :func:`main` passes it by name, which fits both.
+
+    ``pretrain`` is the function or just its parameter names (as the tests read them from
+    a wheel's source).
+    """
+    import inspect
+
+    names = list(pretrain) if isinstance(pretrain, (list, tuple)) else list(
+        inspect.signature(pretrain).parameters)
+    needed = {"train_valid_test_dataset_provider", "model_provider", "model_type",
+              "forward_step_func"}
+    if not needed <= set(names):
+        raise SystemExit(f"Megatron-LM's pretrain({', '.join(names[:6])}, ...) is not one this "
+                         f"wrapper knows (it supports {' to '.join(MEGATRON_LM_TAGS)})")
+    if names[0] == "cfg_container":
+        return "config"
+    if "extra_args_provider" in names and "args_defaults" in names:
+        return "args"
+    raise SystemExit(f"Megatron-LM's pretrain({', '.join(names[:6])}, ...) takes neither flags "
+                     f"nor a config container (this wrapper supports {' to '.join(MEGATRON_LM_TAGS)})")
+
+
 def main() -> None:
-    """pretrain_gpt.py's ``__main__`` block, with the ESPACE provider and flags."""
+    """pretrain_gpt.py's ``__main__`` block, with the ESPACE provider and flags, for either
+    ``pretrain()`` (:func:`pretrain_api`). With the config container, the model still comes
+    from the provider (``pretrain_cfg_container_from_args(args)`` without a model config:
+    ``setup_model_and_optimizer`` then calls ``get_model(model_provider)``), so ESPACE is
+    applied at the same point on every version."""
     from functools import partial
 
     add_megatron_lm_to_path()
@@ -563,17 +613,27 @@ def main() -> None:
 
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
+    api = pretrain_api(pretrain)
     run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    run(
-        pretrain_gpt.train_valid_test_datasets_provider,
-        ESPACEModelProvider(partial(pretrain_gpt.model_provider, pretrain_gpt.gpt_builder)),
-        ModelType.encoder_or_decoder,
-        pretrain_gpt.forward_step,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=extra_args_provider,
+    common = dict(
+        model_provider=ESPACEModelProvider(partial(pretrain_gpt.model_provider,
+                                                   pretrain_gpt.gpt_builder)),
+        model_type=ModelType.encoder_or_decoder,
+        forward_step_func=pretrain_gpt.forward_step,
         store=store,
         get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
     )
+    if api == "args":
+        run(pretrain_gpt.train_valid_test_datasets_provider, args_defaults=ARGS_DEFAULTS,
+            extra_args_provider=extra_args_provider, **common)
+        return
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider,
+                                   args_defaults=ARGS_DEFAULTS)
+    run(pretrain_cfg_container_from_args(args), pretrain_gpt.train_valid_test_datasets_provider,
+        **common)
 
 
 if __name__ == "__main__":

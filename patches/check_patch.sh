@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Check that patches/pretrain_gpt_espace.patch applies to a Megatron-LM checkout.
+# Check that the ESPACE patch for a Megatron-LM checkout's version applies to it.
 #
 #   patches/check_patch.sh /path/to/Megatron-LM        # exit 0: it applies cleanly
 #
-# The patch is made against tag core_v0.16.1 (pair it with pip megatron-core==0.16.1); the
-# checkout's tag is reported when it is a git checkout. Nothing is modified: apply it with
-#   git -C /path/to/Megatron-LM apply "$(pwd)/patches/pretrain_gpt_espace.patch"
+# Two patches, chosen by the checkout's megatron/core/package_info.py:
+#   pretrain_gpt_espace.patch                 tag core_v0.16.1 (pretrain() parses the flags)
+#   pretrain_gpt_espace-core_v0.19.2.patch    tag core_v0.19.2 (config container, keyword
+#                                             model_provider)
+# Pair each with the same pip megatron-core. The checkout's tag is reported when it is a git
+# checkout. Nothing is modified: apply it with
+#   git -C /path/to/Megatron-LM apply "$(pwd)/patches/<the patch named above>"
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PATCH="$HERE/pretrain_gpt_espace.patch"
-TAG=core_v0.16.1
 
 if [ $# -ne 1 ]; then
     echo "usage: $0 MEGATRON_LM_CHECKOUT" >&2
@@ -20,6 +22,15 @@ if [ ! -f "$CHECKOUT/pretrain_gpt.py" ]; then
     echo "$CHECKOUT: no pretrain_gpt.py (not a Megatron-LM checkout)" >&2
     exit 2
 fi
+minor=$(sed -n 's/^MINOR *= *\([0-9]*\).*/\1/p' "$CHECKOUT/megatron/core/package_info.py" 2>/dev/null || true)
+case "$minor" in
+    16|17) TAG=core_v0.16.1; PATCH="$HERE/pretrain_gpt_espace.patch" ;;
+    19) TAG=core_v0.19.2; PATCH="$HERE/pretrain_gpt_espace-core_v0.19.2.patch" ;;
+    *) echo "$CHECKOUT: megatron-core 0.${minor:-?} has no ESPACE patch here (0.16/0.17:" \
+            "pretrain_gpt_espace.patch, 0.19: pretrain_gpt_espace-core_v0.19.2.patch);" \
+            "launch/pretrain_gpt_espace.py works with every version from 0.16.1 to 0.19.2" >&2
+       exit 2 ;;
+esac
 
 if git -C "$CHECKOUT" rev-parse --git-dir >/dev/null 2>&1; then
     head=$(git -C "$CHECKOUT" rev-parse HEAD)

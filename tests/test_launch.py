@@ -540,11 +540,143 @@ def test_megatron_lm_script_command(tmp_path):
     assert out.returncode != 0 and "go together" in out.stderr
 
 
-def test_patch_touches_only_pretrain_gpt():
-    text = (PATCHES / "pretrain_gpt_espace.patch").read_text()
+# ------------------------------------------------------------------------- both pretrain() APIs
+
+
+# pretrain()'s signature at the two ends of the supported range (Megatron-LM
+# megatron/training/training.py at core_v0.16.1 and core_v0.19.2), defaults elided
+def _pretrain_v0_16(train_valid_test_dataset_provider, model_provider, model_type,
+                    forward_step_func, process_non_loss_data_func=None,
+                    extra_args_provider=None, args_defaults={}, get_embedding_ranks=None,
+                    get_position_embedding_ranks=None, non_loss_data_func=None, store=None,
+                    inprocess_call_wrapper=None):
+    pass
+
+
+def _pretrain_v0_19(cfg_container, train_valid_test_dataset_provider, model_type,
+                    forward_step_func, model_provider=None, process_non_loss_data_func=None,
+                    get_embedding_ranks=None, get_position_embedding_ranks=None,
+                    non_loss_data_func=None, store=None, inprocess_call_wrapper=None,
+                    p2p_communicator=None, pg_collection=None, skip_model_parallel_init=False):
+    pass
+
+
+def _pretrain_v0_18(cfg_container, train_valid_test_dataset_provider, model_provider,
+                    model_type, forward_step_func, process_non_loss_data_func=None,
+                    get_embedding_ranks=None, get_position_embedding_ranks=None,
+                    non_loss_data_func=None, store=None, inprocess_call_wrapper=None):
+    pass
+
+
+@pytest.mark.parametrize("pretrain, api", [(_pretrain_v0_16, "args"), (_pretrain_v0_18, "config"),
+                                           (_pretrain_v0_19, "config")])
+def test_pretrain_api_detected(pretrain, api):
+    assert w.pretrain_api(pretrain) == api
+    with pytest.raises(SystemExit, match="not one this wrapper knows"):
+        w.pretrain_api(lambda cfg_container, provider: None)
+
+
+def test_pretrain_api_of_the_installed_wheel():
+    """megatron-core >= 0.17 wheels ship megatron/training: read its pretrain() (it needs
+    python >= 3.12 to import, so from the source) and its config-container helpers."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("megatron.core")
+    training = Path(spec.origin).parent.parent / "training"
+    if not (training / "training.py").is_file():
+        pytest.skip("this megatron-core wheel ships no megatron/training (< 0.17)")
+
+    def functions(path):
+        tree = ast.parse((training / path).read_text())
+        return {n.name: [a.arg for a in n.args.args + n.args.kwonlyargs]
+                for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    api = w.pretrain_api(functions("training.py")["pretrain"])
+    from megatron.core import __version__
+
+    assert api == ("config" if w._version_tuple(__version__) >= (0, 18) else "args")
+    if api == "config":
+        assert {"extra_args_provider", "args_defaults"} <= set(
+            functions("arguments.py")["parse_and_validate_args"])
+        assert "args" in functions("argument_utils.py")["pretrain_cfg_container_from_args"]
+
+
+@pytest.mark.parametrize("pretrain", [_pretrain_v0_16, _pretrain_v0_18, _pretrain_v0_19],
+                         ids=["core_v0.16.1", "core_v0.18.2", "core_v0.19.2"])
+def test_main_calls_pretrain_as_megatron_lm_expects(pretrain, monkeypatch):
+    """main() against stand-ins with pretrain()'s real signature: the call must bind, the
+    provider must be ESPACE's, the flags must go through the ESPACE parser either way."""
+    import inspect
+
+    calls = {}
+
+    def recording(*args, **kwargs):
+        calls["bound"] = inspect.signature(pretrain).bind(*args, **kwargs).arguments
+
+    recording.__signature__ = inspect.signature(pretrain)
+    training = types.ModuleType("megatron.training")
+    training.pretrain = recording
+    training.set_startup_timestamps = lambda **k: None
+    training.inprocess_restart = types.SimpleNamespace(
+        maybe_wrap_for_inprocess_restart=lambda fn: (fn, "store"))
+    arguments = types.ModuleType("megatron.training.arguments")
+    arguments.parse_and_validate_args = lambda extra_args_provider, args_defaults: (
+        calls.setdefault("parsed", (extra_args_provider, args_defaults)) and "ARGS")
+    argument_utils = types.ModuleType("megatron.training.argument_utils")
+    argument_utils.pretrain_cfg_container_from_args = lambda args: ("CONTAINER", args)
+    gpt = types.ModuleType("pretrain_gpt")
+    gpt.train_valid_test_datasets_provider = lambda *a: None
+    gpt.model_provider, gpt.gpt_builder, gpt.forward_step, gpt.get_embedding_ranks = (
+        print, repr, len, abs)  # distinct callables
+    for name, module in (("megatron.training", training), ("pretrain_gpt", gpt),
+                         ("megatron.training.arguments", arguments),
+                         ("megatron.training.argument_utils", argument_utils)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(w, "add_megatron_lm_to_path", lambda: None)
+    monkeypatch.setattr(w, "use_installed_dataset_helpers", lambda: None)
+    w.main()
+    bound = calls["bound"]
+    assert isinstance(bound["model_provider"], w.ESPACEModelProvider)
+    base = bound["model_provider"].base_provider
+    assert base.func is gpt.model_provider and base.args == (gpt.gpt_builder,)
+    assert bound["forward_step_func"] is gpt.forward_step and bound["store"] == "store"
+    assert gpt.train_valid_test_datasets_provider.is_distributed
+    if "cfg_container" in bound:
+        assert bound["cfg_container"] == ("CONTAINER", "ARGS")
+        assert calls["parsed"] == (w.extra_args_provider, w.ARGS_DEFAULTS)
+    else:
+        assert bound["extra_args_provider"] is w.extra_args_provider
+        assert bound["args_defaults"] == w.ARGS_DEFAULTS
+
+
+@pytest.mark.parametrize("patch", ["pretrain_gpt_espace.patch",
+                                   "pretrain_gpt_espace-core_v0.19.2.patch"])
+def test_patch_touches_only_pretrain_gpt(patch):
+    text = (PATCHES / patch).read_text()
     files = [line.split()[-1] for line in text.splitlines() if line.startswith("+++ ")]
     assert files == ["b/pretrain_gpt.py"]
     assert "--espace-config" in text and "apply_espace" in text
+    # core_v0.19.2's pretrain() takes the provider by keyword, after a config container
+    assert ("'model_provider': espace_model_provider" in text) == ("0.19.2" in patch)
+
+
+@pytest.mark.parametrize("minor, patch", [("16", "pretrain_gpt_espace.patch"),
+                                          ("19", "pretrain_gpt_espace-core_v0.19.2.patch"),
+                                          ("18", None)])
+def test_check_patch_picks_the_checkouts_patch(tmp_path, minor, patch):
+    """Without Megatron-LM's file here, a stand-in pretrain_gpt.py: the right patch is named
+    (and refused, since the file is not Megatron-LM's)."""
+    (tmp_path / "pretrain_gpt.py").write_text("print('not Megatron-LM')\n")
+    info = tmp_path / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True)
+    info.write_text(f"MAJOR = 0\nMINOR = {minor}\nPATCH = 2\n")
+    out = subprocess.run(["bash", str(PATCHES / "check_patch.sh"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    if patch is None:
+        assert out.returncode == 2 and "has no ESPACE patch" in out.stderr
+    else:
+        assert out.returncode == 1 and f"FAILED: {patch} does not apply" in out.stderr
 
 
 # ------------------------------------------------------------------------- with a checkout
