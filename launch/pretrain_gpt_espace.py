@@ -153,7 +153,7 @@ def check_espace_args(args) -> bool:
     if config is None:
         return False
     for flag, path in (("--espace-config", config), ("--espace-projections", projections)):
-        if not Path(path).is_file():
+        if not Path(path).exists():  # projections are a directory, older ones a file
             raise SystemExit(f"{flag} {path}: no such file")
     return True
 
