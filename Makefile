@@ -19,11 +19,14 @@ STAMP  := $(VENV)/.espace-installed
 VENV19 ?= .venv-mcore19
 PY19   := $(VENV19)/bin/python
 STAMP19 := $(VENV19)/.espace-installed
-# the tests that touch version-specific code: layers, surgery and specs, checkpoints,
-# calibration, the trainer, the Megatron-LM wrapper's decisions, the CPU shims
-TESTS19 ?= tests/test_versions.py tests/test_layers.py tests/test_surgery.py \
-	tests/test_checkpointing.py tests/test_calibrate.py tests/test_train.py \
-	tests/test_launch.py tests/test_cpu_shims.py
+# the tests that touch version-specific code: layers, surgery and specs, checkpoints and
+# baselines, calibration, the trainer's retraining from a baseline, the Megatron-LM wrapper's
+# decisions, the CPU shims
+TESTS19 ?= tests/test_versions.py tests/test_cpu_shims.py tests/test_layers.py \
+	tests/test_surgery.py tests/test_checkpointing.py tests/test_baselines.py \
+	tests/test_calibrate.py tests/test_launch.py \
+	tests/test_train.py::test_baseline_to_espace_retraining \
+	tests/test_train.py::test_retraining_loads_the_baselines_weights_and_adam_moments
 # megatron-core >= 0.18 would run `git rev-parse` on every import to stamp its version
 export NO_VCS_VERSION := 1
 OUT    ?= demo-output
@@ -46,7 +49,7 @@ $(STAMP19): $(STAMP) requirements-mcore19.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --ignore-requires-python \
 		--target $$($(PY19) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
 		-r requirements-mcore19.txt
-	$(PY19) -c 'import megatron.core as m; assert m.__version__ == "0.19.2", m.__version__'
+	$(PY19) -W ignore -c 'import megatron.core as m; assert m.__version__ == "0.19.2", m.__version__'
 	touch $(STAMP19)
 
 env-mcore19: $(STAMP19)

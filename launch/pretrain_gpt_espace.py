@@ -65,9 +65,18 @@ Megatron-LM's internal ``generate_state_dict``/``load_checkpoint``, and the mode
 saving; rewriting the baseline checkpoint with P added costs a copy of the model on disk and an
 extra step. The strictness flag is public, documented and applied in exactly one place
 (``dist_checkpointing.load`` in ``_load_global_dist_base_checkpoint``); the check in step 1
-restores the safety the default gave. Legacy ``--ckpt-format torch`` checkpoints need nothing:
-they go straight to ``load_state_dict`` and the pre-hook. ``torch_dcp``/``fsdp_dtensor`` and
+restores the safety the default gave. Legacy ``--ckpt-format torch`` checkpoints go straight to
+``load_state_dict``: the ESPACE layers' pre-hook supplies P, and a baseline written with
+Transformer Engine holds its norms under the fused names (``…linear_qkv.layer_norm_weight``),
+which the local spec's plain ``state_dict`` calls ``input_layernorm.weight``; the provider
+registers megatron-core's ``mcore_gpt_load_te_state_dict_pre_hook`` on the model, which renames
+them (see :func:`register_te_checkpoint_hook`). ``torch_dcp``/``fsdp_dtensor`` and
 non-persistent local checkpoints are not inspected (left to Megatron-LM).
+
+Mixture-of-experts models are refused (:func:`layer_spec_problem`): the local spec saves
+``pre_mlp_layernorm`` under the fused name ``mlp.linear_fc1.layer_norm_`` even in MoE layers,
+where Transformer Engine's spec keeps ``pre_mlp_layernorm`` separate, so an MoE baseline's norms
+would not load across the specs.
 
 Without ``--finetune`` Megatron-LM continues the baseline's iteration count, learning-rate
 schedule and Adam moments (the paper's "continue pre-training"): set ``--train-iters`` to the
@@ -170,6 +179,12 @@ def layer_spec_problem(args) -> Optional[str]:
     if getattr(args, "init_model_with_meta_device", False):
         return ("--init-model-with-meta-device: projections set on meta tensors would be "
                 "replaced by uninitialised memory when the model is materialised; drop the flag")
+    if getattr(args, "num_experts", None):
+        return ("--num-experts: mixture-of-experts models are not supported. megatron-core's "
+                "local spec saves pre_mlp_layernorm under Transformer Engine's fused name "
+                "(mlp.linear_fc1.layer_norm_*) even in MoE layers, where Transformer Engine's "
+                "spec keeps it as pre_mlp_layernorm.*, so an MoE baseline's norms would not "
+                "load into the local-spec ESPACE model")
     impl = getattr(args, "transformer_impl", "transformer_engine")
     if getattr(args, "spec", None) is None and impl != "local":
         return (f"--transformer-impl {impl} builds "
@@ -387,6 +402,19 @@ def check_megatron_versions(root) -> None:
     raise SystemExit(message)
 
 
+def register_te_checkpoint_hook(model) -> None:
+    """Let a legacy ``--ckpt-format torch`` checkpoint of a Transformer Engine model load into
+    the local-spec ``model``: megatron-core's ``mcore_gpt_load_te_state_dict_pre_hook`` renames
+    the fused norm keys (``…linear_qkv.layer_norm_weight`` -> ``…input_layernorm.weight``,
+    ``…linear_fc1.layer_norm_*`` -> ``…pre_mlp_layernorm.*``); other checkpoints have no such
+    keys and pass unchanged. (torch_dist checkpoints need no hook: the local spec's
+    ``sharded_state_dict`` already uses the fused names.)"""
+    from megatron.core.post_training.modelopt.gpt.state_dict_hooks import (
+        mcore_gpt_load_te_state_dict_pre_hook)
+
+    model._register_load_state_dict_pre_hook(mcore_gpt_load_te_state_dict_pre_hook)
+
+
 class ESPACEModelProvider:
     """``pretrain_gpt``'s model provider, then ESPACE on the built model (see module doc).
 
@@ -412,6 +440,7 @@ class ESPACEModelProvider:
                                    pg_collection=pg_collection)
         if espace_on:
             self._apply(model, args, vp_stage)
+            register_te_checkpoint_hook(model)
             self._choose_strictness(model, args)
         return model
 

@@ -413,13 +413,16 @@ def evaluate(ddp, dataset, args, num_micro) -> float:
 # -------------------------------------------------------------------- checkpoints
 
 
-def _sharded(model, optimizer, is_loading):
+def _sharded(model, optimizer, is_loading, layout="fully_reshardable"):
+    """The model's (and optimizer's) sharded state dict; ``layout`` is the distributed
+    optimizer's ``distrib_optim_sharding_type`` (we save ``fully_reshardable``; a load asks
+    for what the checkpoint holds)."""
     from megatron_espace.checkpointing import model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(model)
     sd = {"model": model_sd}
     if optimizer is not None:
-        meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+        meta = {"distrib_optim_sharding_type": layout}
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                        metadata=meta)
     return sd
@@ -450,7 +453,8 @@ def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
                 "espace_projections": args.espace_projections, "baseline": args.baseline})
 
     checkpointing.save(_sharded(model, optimizer, is_loading=False), path,
-                       before_commit=before_commit)
+                       before_commit=before_commit,
+                       content_metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if dist.get_rank() == 0:
         atomic.write_text(root / TRACKER, str(iteration))
         shutil.rmtree(old, ignore_errors=True)
@@ -472,7 +476,10 @@ def load(args, model, optimizer, scheduler, path=None):
     if load_optim is not None and args.use_distributed_optimizer:
         compat.distributed_optimizer_torch_adam()
         compat.allocate_adam_state(optimizer)
-    sd = _sharded(model, load_optim, is_loading=True)
+    layout = "fully_reshardable"
+    if load_optim is not None and args.use_distributed_optimizer:
+        layout = checkpointing.optimizer_layout(path)
+    sd = _sharded(model, load_optim, is_loading=True, layout=layout)
     checkpointing.check_kind(sd, path, args.espace_drop_projections)
     baseline = bool(checkpointing.drop_missing_projections(sd, path))
     if baseline and getattr(args, "resuming", False):
@@ -487,8 +494,12 @@ def load(args, model, optimizer, scheduler, path=None):
     if load_optim is not None:
         if fresh:  # the saved param groups carry the old run's lr range: retrain at this one
             compat.set_param_group_lr(state["optimizer"], args.lr, args.min_lr)
+        weights = ([p.detach().clone() for p in model.parameters()]
+                   if layout == "dp_reshardable" else None)
         optimizer.load_state_dict(state["optimizer"])
         compat.unshare_adam_steps(optimizer)
+        if layout == "dp_reshardable":  # zipped with our parameters by position: check it
+            checkpointing.check_dp_reshardable_order(optimizer, model, weights, path)
     meta = {} if not meta_file.is_file() else json.loads(meta_file.read_text())
     args.baseline = str(path) if fresh else meta.get("baseline")
     if dist.get_rank() == 0:

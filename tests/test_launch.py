@@ -282,6 +282,40 @@ def test_chosen_strictness_loads_a_baseline_the_default_refuses(checkpoints):
         assert torch.equal(layer.espace_proj, projections[name]), name
 
 
+def test_legacy_torch_checkpoint_of_a_transformer_engine_model_loads(megatron_tp1):
+    """--ckpt-format torch from Transformer Engine: norms under the fused linears' names."""
+    from megatron_espace.surgery import linear_layers
+
+    baseline = _gpt(seed=1).state_dict()
+    te_names = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+    te = {}
+    for key, value in baseline.items():
+        for local, fused in te_names:
+            key = key.replace(local, fused)
+        te[key] = value
+    assert any(".linear_qkv.layer_norm_weight" in k for k in te) and te.keys() != baseline.keys()
+    model = _espace(seed=9)
+    projections = {n: m.espace_proj.clone() for n, m in linear_layers(model).items()}
+    with pytest.raises(RuntimeError, match="input_layernorm.weight"):
+        model.load_state_dict(dict(te), strict=True)
+    w.register_te_checkpoint_hook(model)
+    model.load_state_dict(dict(te), strict=True)
+    for key, value in _gpt(seed=1).state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(model.state_dict()[key], value), key
+    for name, layer in linear_layers(model).items():  # P kept by the layers' own pre-hook
+        assert torch.equal(layer.espace_proj, projections[name]), name
+    model.load_state_dict(_gpt(seed=1).state_dict(), strict=True)  # local names: unchanged
+
+
+def test_moe_is_refused_with_the_reason():
+    message = w.layer_spec_problem(argparse.Namespace(transformer_impl="local", num_experts=8))
+    assert "pre_mlp_layernorm" in message and "mixture-of-experts" in message
+    assert w.layer_spec_problem(argparse.Namespace(transformer_impl="local",
+                                                   num_experts=None)) is None
+
+
 # ------------------------------------------------------------------------- the model provider
 
 
