@@ -324,53 +324,23 @@ def optimizer_layout(checkpoint_dir) -> str:
     return content.get("distrib_optim_sharding_type", "fully_reshardable")
 
 
-def check_dp_reshardable_order(optimizer, model, weights, checkpoint_dir) -> None:
-    """Refuse ``dp_reshardable`` optimizer state that belongs to other parameters.
+def refuse_dp_reshardable(checkpoint_dir) -> None:
+    """Refuse distributed-optimizer state in Megatron-LM's default ``dp_reshardable`` layout.
 
     That layout stores each gradient bucket's Adam state as one flat range, zipped with the
-    parameters by their position in the bucket, and records no parameter names. It loads
-    right only when the saving model ordered its parameters as this one does (the same layer
-    spec; ESPACE changes no parameter). Megatron-LM's default Transformer Engine spec orders
-    them differently from the local spec ESPACE needs, so its state would land on the wrong
-    parameters. The check: the optimizer's copy of each parameter (``param`` in the saved
-    state) must equal the weight the same checkpoint gave the model (``weights``, the model's
-    parameters in ``model.parameters()`` order, taken before the optimizer state was loaded).
+    parameters by their position in the bucket, and records no parameter names. It would load
+    right only if the saving model ordered its parameters exactly as this one does; Megatron-LM's
+    default Transformer Engine spec orders them differently from the local spec ESPACE needs,
+    and nothing in the checkpoint tells the orders apart: comparing the state's saved copy of
+    each parameter with the loaded weight let a reordered baseline through with its moments on
+    other parameters (tests/test_baselines.py). So it is never loaded.
     """
-    from megatron_espace import compat
-
-    if not compat.dp_reshardable_order_checkable():
-        _refuse_dp_reshardable(checkpoint_dir, "on megatron-core >= 0.19 this check does not "
-                               "catch another parameter order (the moments landed on other "
-                               "parameters while every saved copy matched), so the state is "
-                               "not loaded")
-    wrong = []
-    named = {id(p): (n, w) for (n, p), w in zip(model.named_parameters(), weights)}
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for model_param in inner.model_param_group_index_map:
-            name, weight = named[id(model_param)]
-            span = inner._get_model_param_range_map(model_param)["param"]
-            main = inner._get_main_param_and_optimizer_states(model_param)["param"]
-            expected = weight.reshape(-1)[span.start:span.end]
-            if not torch.equal(main.detach().reshape(-1).to(expected.dtype), expected):
-                wrong.append(name)
-    flag = torch.tensor([len(wrong)], dtype=torch.long)
-    if torch.distributed.is_initialized():
-        from megatron_espace.runtime import device
-
-        flag = flag.to(device())
-        torch.distributed.all_reduce(flag)
-    if flag.item():
-        _refuse_dp_reshardable(
-            checkpoint_dir, "the saving model ordered its parameters differently from this one "
-            "(e.g. Megatron-LM's Transformer Engine spec against the local spec ESPACE needs): "
-            f"the saved copies of {', '.join(wrong[:4]) or 'parameters on other ranks'}"
-            f"{', ...' if len(wrong) > 4 else ''} do not match their weights")
-
-
-def _refuse_dp_reshardable(checkpoint_dir, why):
     raise SystemExit(
         f"--load {checkpoint_dir}: its distributed-optimizer state is in the dp_reshardable "
-        "layout, which stores Adam's moments per gradient bucket by parameter position, "
-        f"without names, and {why}. Either re-save the baseline once with Megatron-LM's "
-        "--dist-ckpt-optim-fully-reshardable (state keyed by parameter name; it then loads "
-        "here), or pass --no-load-optim (weights only, fresh Adam moments).")
+        "layout (Megatron-LM's default), which stores Adam's moments per gradient bucket by "
+        "parameter position, without names: it cannot follow a change of layer spec (Megatron-"
+        "LM's Transformer Engine spec orders the parameters differently from the local spec "
+        "ESPACE needs) and the checkpoint cannot show that the order is the same. Either re-save "
+        "the baseline once with Megatron-LM's --dist-ckpt-optim-fully-reshardable (state keyed "
+        "by parameter name; it then loads here, moments included), or pass --no-load-optim "
+        "(weights only, fresh Adam moments).")

@@ -1,7 +1,14 @@
-"""Work-arounds for megatron-core 0.16.1 bugs on paths this project uses.
+"""Work-arounds for megatron-core bugs on paths this project uses (0.16.1 to 0.19.2).
 
 Applied by the trainer only where the bug bites (the distributed optimizer over torch's
-Adam, i.e. without apex / Transformer Engine), each with the version it was seen in.
+Adam, i.e. without apex / Transformer Engine). Which versions need which (0.16.1 and 0.19.2
+run the trainer's tests, ``make test``; 0.17/0.18 read from the source):
+
+* :func:`distributed_optimizer_torch_adam`: 0.16.1 to 0.19.2 (``KeyError: 'step'``);
+* :func:`allocate_adam_state`, :func:`unshare_adam_steps`: 0.16.1; harmless where not needed
+  (zeros that are overwritten, a clone of a tensor);
+* :func:`set_param_group_lr`: 0.19 (param groups matched on ``max_lr``/``min_lr``); earlier
+  versions load the old lr range silently, so it is right on every version;
 """
 
 import torch
@@ -15,9 +22,7 @@ def distributed_optimizer_torch_adam() -> None:
     ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies every key of the
     Adam state, including the ``step`` it has just inserted, from tensors that have no
     ``step`` (it lives in the param groups): ``KeyError: 'step'``. Copy the keys present.
-    Still so in 0.19.2 (it iterates the destination's keys). Loading ``dp_reshardable``
-    state also copies into fp32 main params that are views of leaf parameters outside
-    ``no_grad`` (a RuntimeError on 0.16.1 to 0.19.2): copy under ``no_grad``.
+    Still so in 0.19.2 (it iterates the destination's keys).
     """
     if "dist_opt_step" in _applied:
         return
@@ -33,10 +38,9 @@ def distributed_optimizer_torch_adam() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         dst = {"param": main_param, **self.optimizer.state[main_param]}
-        with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
-            for key, value in tensors.items():
-                if key in dst and isinstance(value, torch.Tensor):
-                    dst[key].copy_(value)
+        for key, value in tensors.items():
+            if key in dst:
+                dst[key].copy_(value)
 
     d.DistributedOptimizer._set_main_param_and_optimizer_states = (
         _set_main_param_and_optimizer_states)
@@ -97,17 +101,3 @@ def set_param_group_lr(optimizer_state: dict, max_lr: float, min_lr: float) -> i
             stack.extend(node)
     return changed
 
-
-def dp_reshardable_order_checkable() -> bool:
-    """Whether ``checkpointing.check_dp_reshardable_order`` can tell another parameter order.
-
-    On 0.16.1 the optimizer's saved copy of each parameter lands on this model's parameter
-    of the same position, so comparing it with the loaded weight finds a reordering
-    (tests/test_baselines.py). On 0.19.2 every copy matched while the Adam moments landed
-    on other parameters, so there ``dp_reshardable`` state is refused (not yet understood;
-    0.17/0.18 untested, treated as 0.16.1).
-    """
-    from megatron.core import __version__
-
-    major, minor = (int(x) for x in __version__.split(".")[:2])
-    return (major, minor) < (0, 19)

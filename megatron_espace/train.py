@@ -479,6 +479,8 @@ def load(args, model, optimizer, scheduler, path=None):
     layout = "fully_reshardable"
     if load_optim is not None and args.use_distributed_optimizer:
         layout = checkpointing.optimizer_layout(path)
+        if layout == "dp_reshardable":
+            checkpointing.refuse_dp_reshardable(path)
     sd = _sharded(model, load_optim, is_loading=True, layout=layout)
     checkpointing.check_kind(sd, path, args.espace_drop_projections)
     baseline = bool(checkpointing.drop_missing_projections(sd, path))
@@ -494,12 +496,8 @@ def load(args, model, optimizer, scheduler, path=None):
     if load_optim is not None:
         if fresh:  # the saved param groups carry the old run's lr range: retrain at this one
             compat.set_param_group_lr(state["optimizer"], args.lr, args.min_lr)
-        weights = ([p.detach().clone() for p in model.parameters()]
-                   if layout == "dp_reshardable" else None)
         optimizer.load_state_dict(state["optimizer"])
         compat.unshare_adam_steps(optimizer)
-        if layout == "dp_reshardable":  # zipped with our parameters by position: check it
-            checkpointing.check_dp_reshardable_order(optimizer, model, weights, path)
     meta = {} if not meta_file.is_file() else json.loads(meta_file.read_text())
     args.baseline = str(path) if fresh else meta.get("baseline")
     if dist.get_rank() == 0:
