@@ -23,7 +23,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", *EVAL],
+        # transformers builds the reference models of the HuggingFace import/export tests
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", *EVAL],
         "eval": EVAL,
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },

@@ -66,9 +66,7 @@ def parse_args(argv=None):
     g.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     g.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: the number of GPUs (default TP x PP)")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="with --dry-run: stands in for the tokenizer")
-    args = p.parse_args(argv)
+    args = arguments.parse_args(p, argv)
     if not args.dry_run:
         for flag, value in (("--data-path", args.data_path), ("--out", args.out)):
             if value is None:
@@ -98,7 +96,7 @@ def memory_plan(args, cfg):
     for name, kind, k, n, stage in gpt_layers(
             args.num_layers, args.hidden_size, args.ffn_hidden_size or 4 * args.hidden_size,
             heads, args.num_query_groups if args.group_query_attention else heads,
-            args.hidden_size // heads, args.swiglu, pp):
+            args.kv_channels or args.hidden_size // heads, args.swiglu, pp):
         rule = cfg.rule_for(name)
         if rule is not None:
             rank = rule.rank or rank_for_compression(k, n, rule.compression, cfg.rank_multiple)

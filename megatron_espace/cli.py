@@ -11,6 +11,8 @@
     espace evaluate ...                    = python -m megatron_espace.evaluate (torchrun)
     espace sensitivity ...                 = python -m megatron_espace.sensitivity (torchrun)
     espace train ...                       = python -m megatron_espace.train (torchrun)
+    espace import-hf HF_DIR --save DIR     = python -m megatron_espace.import_hf
+    espace export-hf --load DIR --save HF  = python -m megatron_espace.export_hf
 
 Jobs that run under torchrun are modules: ``python -m megatron_espace.<tool>``; the
 subcommands above run the same module in this process.
@@ -121,6 +123,8 @@ MODULES = {
     "evaluate": ("megatron_espace.evaluate", "perplexity and lm-evaluation-harness tasks"),
     "sensitivity": ("megatron_espace.sensitivity", "per-layer sensitivity -> ESPACE config"),
     "train": ("megatron_espace.train", "train a baseline, or retrain with --espace-config"),
+    "import-hf": ("megatron_espace.import_hf", "HuggingFace model -> torch_dist checkpoint"),
+    "export-hf": ("megatron_espace.export_hf", "checkpoint (dense or ESPACE) -> HuggingFace"),
 }
 
 

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     g.add_argument("--save", required=True, help="the compressed checkpoint directory to write")
     g.add_argument("--espace-config", required=True)
     g.add_argument("--espace-projections", required=True)
-    args = p.parse_args(argv)
+    args = arguments.parse_args(p, argv)
     if args.load is None:
         p.error("--load is required: the ESPACE checkpoint to convert")
     return args
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
                                           .items())),
                     "parameters": counts}
         atomic.write_json(Path(args.save) / MANIFEST, manifest)
+        arguments.write_model_args(args, args.save)
         print(f"wrote {args.save}: {len(manifest['layers'])} compressed layers, "
               f"{counts['total']:,} parameters ({counts['gemm']:,} in GEMMs, "
               f"{1 - counts['gemm'] / counts['gemm_dense']:.1%} fewer)")

@@ -307,7 +307,7 @@ def parse_args(argv=None):
     rule.add_argument("--target-compression", type=float)
     rule.add_argument("--max-ppl-increase", type=float)
     rule.add_argument("--inflection", action="store_true")
-    args = p.parse_args(argv)
+    args = arguments.parse_args(p, argv)
     if args.load is None:
         p.error("--load is required: the study runs on the trained baseline")
     args.hidden_dropout = args.attention_dropout = 0.0

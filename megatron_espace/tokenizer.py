@@ -9,7 +9,7 @@ datasets hash into their index-cache names. ``build_tokenizer`` takes Megatron-L
 * ``GPT2BPETokenizer``: GPT-2 byte-level BPE from ``--vocab-file`` (encoder.json: token ->
   id) and ``--merge-file`` (merges.txt: one ``left right`` pair per line, best first).
 * ``HuggingFaceTokenizer``: a HuggingFace ``tokenizer.json`` (``--tokenizer-model``) whose
-  model is byte-level BPE, the GPT-2 / RoBERTa / Llama 3 layout.
+  model is byte-level BPE, the GPT-2 / RoBERTa / Llama 3 / Qwen2 / SmolLM2 layout.
 
 Both BPE tokenizers share ``_ByteLevelBPE``. ``train_bpe`` learns a GPT-2 style vocab and
 merges from text and ``save_bpe`` / ``write_bpe`` write them as GPT2BPETokenizer's files.
@@ -278,6 +278,9 @@ def _pretokenizer_steps(spec, where: str) -> list:
     if kind == "ByteLevel":
         return ([None] if spec.get("add_prefix_space") else []) \
             + ([_pretokenizer()] if spec.get("use_regex", True) else [])
+    if kind == "Digits":  # SmolLM2: digits split off (each one alone, or runs of them)
+        number = _char_class("N")
+        return [re.compile(f"[{number}]" if spec.get("individual_digits") else f"[{number}]+")]
     if kind == "Split":
         pattern = spec.get("pattern") or {}
         if spec.get("behavior") != "Isolated" or spec.get("invert"):
@@ -290,7 +293,7 @@ def _pretokenizer_steps(spec, where: str) -> list:
             return [re.compile(re.escape(pattern["String"]))]
         raise ValueError(f"{where}: Split pre-tokenizer without a Regex or String pattern")
     raise ValueError(f"{where}: pre-tokenizer {kind!r} is not supported; only byte-level BPE is "
-                     f"(ByteLevel, optionally after Split)")
+                     f"(ByteLevel, optionally after Split or Digits)")
 
 
 def _types(spec) -> list:

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     e.add_argument("--espace-drop-projections", action="store_true",
                    help="load an ESPACE checkpoint's weights into a model without ESPACE, "
                    "dropping its projections (refused without this flag)")
-    args = p.parse_args(argv)
+    args = arguments.parse_args(p, argv)
     if (args.espace_config is None) != (args.espace_projections is None):
         p.error("--espace-config and --espace-projections go together")
     args.split_weights = weights = _split_weights(p, args.split)
@@ -456,6 +456,7 @@ def save(args, model, optimizer, scheduler, iteration, consumed) -> None:
                        before_commit=before_commit,
                        content_metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if dist.get_rank() == 0:
+        arguments.write_model_args(args, root)
         atomic.write_text(root / TRACKER, str(iteration))
         shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)

@@ -9,3 +9,11 @@ def megatron_tp1():
     runtime.initialize(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     yield
     runtime.destroy()
+
+
+@pytest.fixture(scope="session")
+def hf_cases(tmp_path_factory, megatron_tp1):
+    """Tiny HuggingFace models (transformers), their reference logits and their imports."""
+    from tests import hf_models
+
+    return hf_models.build(tmp_path_factory.mktemp("hf"))
