@@ -135,7 +135,8 @@ def _fill(model, rules, files: dict, stored: dict, flags: dict, dtype) -> None:
 
     params = dict(model.state_dict(keep_vars=True))
     handles, filled = {}, set()
-    for rule in tqdm(rules, desc="import-hf", unit="tensor", disable=None):
+    last_use = {files[n]: i for i, rule in enumerate(rules) for n in rule.hf}
+    for i, rule in enumerate(tqdm(rules, desc="import-hf", unit="tensor", disable=None)):
         target = params[rule.megatron]
         tensors = []
         for n in rule.hf:
@@ -152,6 +153,8 @@ def _fill(model, rules, files: dict, stored: dict, flags: dict, dtype) -> None:
             target.copy_(value)
         filled.add(rule.megatron)
         del tensors, value
+        for file in [f for f in handles if last_use[f] == i]:  # unmap what is done with
+            del handles[file]
     unfilled = [k for k, v in params.items() if k not in filled and v is not None
                 and not k.endswith("_extra_state")]
     if unfilled:
