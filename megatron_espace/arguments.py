@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_espace import atomic
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (Megatron-LM flags)")
@@ -315,18 +316,7 @@ def write_model_args(args, directory) -> None:
     if source is not None and source.resolve() != directory.resolve():
         for name in HF_FILES:
             if (source / name).is_file():
-                _atomic_copy(source / name, directory / name)
-    _atomic_write(directory / MODEL_ARGS, json.dumps(values, indent=1) + "\n")
-    _atomic_write(directory / ARGS_TXT, "".join(f"{line}\n" for line in flag_lines(values)))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+                with atomic.replacing(directory / name) as tmp:
+                    shutil.copyfile(source / name, tmp)
+    atomic.write_json(directory / MODEL_ARGS, values)
+    atomic.write_text(directory / ARGS_TXT, "".join(f"{line}\n" for line in flag_lines(values)))

@@ -67,7 +67,7 @@ def parse_args(argv=None, need_input: bool = True):
                    help="documents per task (a fraction if < 1)")
     h.add_argument("--bootstrap-iters", type=int, default=100000,
                    help="lm-eval's bootstrap resamples for standard errors (0: none)")
-    args = p.parse_args(argv)
+    args = arguments.parse_args(p, argv)
     if args.load is None:
         p.error("--load is required: the checkpoint to evaluate")
     if (args.espace_config is None) != (args.espace_projections is None):

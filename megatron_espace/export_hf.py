@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_espace import arguments, hf_layout
+from megatron_espace import arguments, atomic, hf_layout
 from megatron_espace.import_hf import DTYPES
 
 #: flags that must agree between model_args.json and config.json
@@ -109,7 +109,6 @@ def _shards(rules, params, flags, max_bytes):
 
 def export_hf(args) -> Path:
     """Write ``args.save`` from ``args.load``; returns the output directory."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     import megatron_espace as espace
@@ -156,7 +155,7 @@ def export_hf(args) -> Path:
                         weight_map[hf] = name
                     params[rule.megatron].data = torch.empty(0, dtype=dtype)  # free it
                     bar.update()
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                atomic.save_safetensors(tmp / name, shard, metadata={"format": "pt"})
                 del shard
             bar.close()
             del model, params
