@@ -12,7 +12,7 @@ OUT=${1:-hf-tiny}
 PY=${PY:-python}
 RUN="$PY -m torch.distributed.run --nproc_per_node 2 --master_port ${PORT:-29517}"
 DATA=$OUT/data/corpus_text_document
-FLAGS=(--tensor-model-parallel-size 2 --seq-length 128 --micro-batch-size 8 --split 98,1,1
+FLAGS=(--tensor-model-parallel-size 2 --seq-length 128 --micro-batch-size 8 --split 90,5,5
        --data-path "$DATA")
 mkdir -p "$OUT"
 
@@ -86,19 +86,19 @@ echo "== 6. convert"
 $RUN -m megatron_espace.convert --load "$OUT/espace_ckpt" --save "$OUT/compressed_ckpt" \
     --espace-config "$OUT/espace.yaml" --espace-projections "$OUT/projections.safetensors" \
     --tensor-model-parallel-size 2
-echo "== 7. evaluate"
-VALID=$OUT/corpus/$(ls "$OUT/corpus" | tail -1)
-if $PY -c "import megatron_espace.evaluate" 2>/dev/null; then
-    for c in base espace_ckpt; do
-        $PY -m megatron_espace.cli evaluate --load "$OUT/$c" --text "$VALID" --seq-length 128 \
-            --json "$OUT/ppl_$c.json"
-    done
-else
-    echo "(espace evaluate is not installed in this checkout: skipped)"
-fi
+echo "== 7. evaluate: perplexity on a held-out file, and the local lm-eval task"
+VALID=$OUT/valid.txt
+$PY -c "import sysconfig; print(open(sysconfig.get_paths()['stdlib'] + '/this.py').read())" \
+    > "$VALID"
+ESPACE=(--espace-config "$OUT/espace.yaml" --espace-projections "$OUT/projections.safetensors")
+TASKS=(--tasks espace_tiny_choice --include-path examples/lm_eval)
+$RUN -m megatron_espace.evaluate --load "$OUT/base" --tensor-model-parallel-size 2 \
+    --text "$VALID" --seq-length 128 "${TASKS[@]}" --json "$OUT/eval_base.json"
+$RUN -m megatron_espace.evaluate --load "$OUT/espace_ckpt" --tensor-model-parallel-size 2 \
+    "${ESPACE[@]}" --text "$VALID" --seq-length 128 "${TASKS[@]}" --json "$OUT/eval_espace.json"
 echo "== 8. export-hf"
 $PY -m megatron_espace.cli export-hf --load "$OUT/espace_ckpt" --save "$OUT/hf_espace" \
-    --espace-config "$OUT/espace.yaml" --espace-projections "$OUT/projections.safetensors"
+    "${ESPACE[@]}"
 $PY - "$OUT" "$VALID" <<'EOF'
 import math, sys
 import torch
@@ -106,7 +106,8 @@ from transformers import AutoModelForCausalLM
 from megatron_espace.tokenizer import HuggingFaceTokenizer
 
 out, valid = sys.argv[1], sys.argv[2]
-ids = torch.tensor(HuggingFaceTokenizer(f"{out}/hf").tokenize(open(valid).read()))
+text = open(valid).read()  # as espace evaluate: one file, tokenized once, no special tokens
+ids = torch.tensor(HuggingFaceTokenizer(f"{out}/hf").tokenize(text))
 for name in ("hf", "hf_espace"):
     model = AutoModelForCausalLM.from_pretrained(f"{out}/{name}", dtype=torch.float32).eval()
     nll, n = 0.0, 0
@@ -118,6 +119,6 @@ for name in ("hf", "hf_espace"):
             logits = model(window).logits[0, :-1]
             nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
             n += window.shape[1] - 1
-    print(f"transformers {name}: {n} tokens of {valid.split('/')[-1]}: nll {nll / n:.4f}, "
+    print(f"transformers {name}: {n} tokens of {valid}: nll {nll / n:.4f}, "
           f"ppl {math.exp(nll / n):.2f}")
 EOF

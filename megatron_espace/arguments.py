@@ -17,6 +17,7 @@ import torch
 
 from megatron_espace import atomic
 
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (Megatron-LM flags)")
     g.add_argument("--num-layers", type=int, required=True)

@@ -91,8 +91,9 @@ def empty_model(args, dtype):
     """
     from megatron_espace.surgery import unwrap
 
+    vocab = args.vocab_size or arguments.tokenizer(args).vocab_size
     with torch.device("meta"):
-        model = arguments.build_model(args, args.vocab_size or arguments.tokenizer(args).vocab_size)
+        model = arguments.build_model(args, vocab)
     return unwrap(model).to(dtype).to_empty(device="cpu")
 
 
@@ -177,10 +178,16 @@ def import_hf(hf_dir, save, dtype=None, divisible_by=None, tokenizer=True) -> di
     config = hf_layout.read_config(hf_dir)
     arch = hf_layout.architecture(config, hf_dir / "config.json")
     flags = hf_flags(hf_dir, divisible_by)
-    stored = {hf_layout.hf_name(k, arch): k for k in weight_files(hf_dir)}
-    files = {hf_layout.hf_name(k, arch): v for k, v in weight_files(hf_dir).items()}
+    on_disk = weight_files(hf_dir)
+    stored = {hf_layout.hf_name(k, arch): k for k in on_disk}
+    files = {hf_layout.hf_name(k, arch): v for k, v in on_disk.items()}
     if tokenizer:
         flags.update(_check_tokenizer(hf_dir, flags["vocab_size"], save))
+    window = config.get("sliding_window") if arch == "MistralForCausalLM" else None
+    if window:
+        print(f"{hf_dir / 'config.json'}: sliding_window {window}: megatron attends to the "
+              f"whole sequence, the same as sliding-window attention up to {window} tokens "
+              f"(the default --seq-length {flags['seq_length']})")
     rules = hf_layout.tensor_map(config, flags)
     missing = [n for r in rules for n in r.hf if n not in files]
     if missing:
