@@ -107,7 +107,7 @@ def load_model(args):
 def real_vocab_size(args, tokenizer) -> int:
     """The model's vocabulary before Megatron's padding (``--vocab-size`` of an imported
     model, else the tokenizer's): the output columns that are tokens."""
-    return getattr(args, "vocab_size", None) or tokenizer.vocab_size
+    return args.vocab_size or tokenizer.vocab_size
 
 
 # -------------------------------------------------------------------- inputs
