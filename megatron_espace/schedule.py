@@ -28,7 +28,7 @@ def run_microbatches(model, micro, seq_length: int, micro_batch_size: int,
     scale = len(micro) if per_microbatch else 1
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = {key: t.to(device()) for key, t in next(data_iterator).items()}
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss_func(out):
