@@ -12,11 +12,18 @@ has it, and exits 1; ``--debug`` (or ``ESPACE_DEBUG=1``) keeps the tracebacks.
 """
 
 import os
+import socket
 import sys
 
 import torch
 
 PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def initialize(
@@ -45,18 +52,15 @@ def initialize(
         cpu_shims.install()
 
     if not torch.distributed.is_initialized():
-        single = "RANK" not in os.environ  # plain single process
-        if single:
+        if "RANK" not in os.environ:  # plain single process
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if has_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # One process needs no rendezvous: an in-memory store, so no port is picked and
-        # no other process can take it between the pick and the bind (EADDRINUSE).
         torch.distributed.init_process_group(
             backend="nccl" if has_cuda else "gloo",
             timeout=timedelta(minutes=timeout_minutes),
-            **({"store": torch.distributed.HashStore(), "rank": 0, "world_size": 1}
-               if single else {}),
         )
 
     world = torch.distributed.get_world_size()
