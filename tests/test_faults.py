@@ -229,8 +229,14 @@ def _torchrun(argv, nprocs=2):
             "-m", "megatron_espace.train", *argv]
 
 
+# set in this pytest process by an earlier in-process runtime.initialize; a child that
+# inherited them would rendezvous on this process's port (EADDRINUSE)
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
