@@ -274,7 +274,7 @@ def test_kill_launcher_lock_and_requeue(data):
 
         os.kill(job.pid, signal.SIGKILL)
         job.wait(timeout=30)
-        gone, alive = psutil.wait_procs(family, timeout=60)
+        gone, alive = psutil.wait_procs(family, timeout=180)
         assert not alive, [(p.pid, p.cmdline()) for p in alive]
     finally:
         watchdog.cancel()
