@@ -6,7 +6,6 @@ script carries over; only the flags these tools use are defined.
 """
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -244,12 +243,7 @@ def read_model_args(load) -> dict:
     file = checkpoint_root(load) / MODEL_ARGS
     if not file.is_file():
         return {}
-    try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{file}: expected a JSON object of flag values")
+    values = atomic.read_json_object(file)
     unknown = sorted(set(values) - set(MODEL_FLAGS) - set(DEFAULT_FLAGS))
     if unknown:
         raise ValueError(f"{file}: unknown field(s) {', '.join(unknown)}")

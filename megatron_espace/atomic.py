@@ -67,3 +67,15 @@ def savefig(fig, path, **kwargs) -> None:
     """``fig.savefig`` through :func:`replacing` (the format follows ``path``'s suffix)."""
     with replacing(path) as tmp:
         fig.savefig(tmp, **kwargs)
+
+
+def read_json_object(path, error=ValueError) -> dict:
+    """The JSON object in ``path``; ``error`` naming the file when it is not one."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object")
+    return value

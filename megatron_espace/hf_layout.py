@@ -13,13 +13,14 @@ Qwen2ForCausalLM and GPT2LMHeadModel. Megatron's layouts (local spec, one rank):
 * the vocabulary is padded with zero rows to ``padded_vocab`` (see :func:`vocab_divisor`).
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
 import torch
+
+from megatron_espace import atomic
 
 LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ARCHITECTURES = LLAMA_LIKE + ("GPT2LMHeadModel",)
@@ -38,13 +39,7 @@ def read_config(hf_dir) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise HFFormatError(f"{path}: not found (a HuggingFace model directory has config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise HFFormatError(f"{path}: expected a JSON object")
-    return config
+    return atomic.read_json_object(path, HFFormatError)
 
 
 def architecture(config: dict, where) -> str:
