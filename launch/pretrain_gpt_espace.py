@@ -148,6 +148,9 @@ def espace_args(parser):
     g.add_argument("--espace-keep-dropout", action="store_true",
                    help="keep --hidden-dropout/--attention-dropout while ESPACE retrains "
                    "(default: both set to 0, as in the paper)")
+    g.add_argument("--no-espace-step-wgrad", dest="espace_step_wgrad", action="store_false",
+                   help="compute A = W P and dW = dA P^T on every micro-batch instead of once "
+                   "per step (the default; the gradients are the same)")
     return parser
 
 
@@ -626,6 +629,38 @@ def pretrain_api(pretrain) -> str:
                      f"nor a config container (this wrapper supports {' to '.join(MEGATRON_LM_TAGS)})")
 
 
+def step_wgrad_setup(setup_model_and_optimizer):
+    """Megatron-LM's ``setup_model_and_optimizer``, then
+    ``accumulation.defer_weight_grads`` on the DDP chunks it built: ``A = W P`` and
+    ``dW = (Σ dA) Pᵀ`` once per step. With ``--overlap-grad-reduce`` Megatron-LM's
+    ``train()`` then sets ``config.no_sync_func`` to the chunks' (now wrapped) ``no_sync``
+    itself; without it it leaves the function unset, so this sets it (DDP's ``no_sync`` only
+    marks the non-last micro-batches then). Off with ``--no-espace-step-wgrad``, without
+    ESPACE, and for models not wrapped in megatron-core's DDP (FSDP)."""
+
+    def setup_then_defer(*args, **kwargs):
+        from megatron.core.distributed import DistributedDataParallel
+        from megatron.core.utils import get_model_config
+        from megatron.training import get_args, print_rank_0
+
+        from megatron_espace.accumulation import defer_weight_grads
+
+        model, optimizer, scheduler = setup_model_and_optimizer(*args, **kwargs)
+        flags = get_args()
+        if (check_espace_args(flags) and getattr(flags, "espace_step_wgrad", True)
+                and all(isinstance(chunk, DistributedDataParallel) for chunk in model)):
+            layers = defer_weight_grads(model)
+            config = get_model_config(model[0])
+            if not flags.overlap_grad_reduce and config.no_sync_func is None:
+                syncs = [chunk.no_sync for chunk in model]
+                config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
+            print_rank_0(f"ESPACE: A = W P and dW once per step on {layers} layers of rank 0's "
+                         "stage (--no-espace-step-wgrad: per micro-batch)")
+        return model, optimizer, scheduler
+
+    return setup_then_defer
+
+
 def main() -> None:
     """pretrain_gpt.py's ``__main__`` block, with the ESPACE provider and flags, for either
     ``pretrain()`` (:func:`pretrain_api`). With the config container, the model still comes
@@ -640,6 +675,9 @@ def main() -> None:
     from megatron.core.enums import ModelType
     from megatron.training import inprocess_restart, pretrain, set_startup_timestamps
 
+    from megatron.training import training
+
+    training.setup_model_and_optimizer = step_wgrad_setup(training.setup_model_and_optimizer)
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     api = pretrain_api(pretrain)

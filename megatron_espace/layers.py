@@ -73,7 +73,7 @@ from megatron.core.tensor_parallel.mappings import (
     _reduce_scatter_along_first_dim,
 )
 
-from megatron_espace.projected_linear import ProjectionComm, projected_linear
+from megatron_espace.projected_linear import ProjectionComm, StepState, projected_linear
 from megatron_espace.projection import orthonormality_error
 
 #: tolerance of the orthonormality check ``max |PᵀP − I|`` in ``set_projection``
@@ -114,6 +114,7 @@ class _Collectives(ProjectionComm):
                  a_backward=_IDENTITY):
         self.z_forward, self.z_backward = z_forward, z_backward
         self.a_forward, self.a_backward = a_forward, a_backward
+        self.reduces_da = a_backward is not _IDENTITY
 
 
 def _load_projection_hook(module, state_dict, prefix, *args):
@@ -146,6 +147,7 @@ class _ESPACEMixin:
             "MoE expert linears are not supported" if self.explicit_expert_comm else None
         )
         self.espace_name = name or type(self).__name__
+        self.espace_step = StepState()  # A and dW once per optimizer step (accumulation.py)
         self.register_buffer("espace_proj", None, persistent=True)
         self._register_load_state_dict_pre_hook(_load_projection_hook, with_module=True)
 
@@ -327,12 +329,20 @@ class _ESPACEMixin:
     def _gemm_weight(self, weight=None):
         return self.weight if weight is None else weight
 
+    def _step(self):
+        """The :class:`StepState` a training micro-batch of a multi-micro-batch step uses
+        (``accumulation.defer_weight_grads`` turns it on), else None."""
+        step = self.espace_step
+        return step if self.training and not self._precomputed and step.active else None
+
     def _gemm(self, x, weight=None, sequence_parallel=None):
+        own = weight is None
         weight = self._gemm_weight(weight)
-        accumulate = bool(self.gradient_accumulation_fusion) and weight is self._gemm_weight()
+        accumulate = bool(self.gradient_accumulation_fusion) and own
         sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
         return projected_linear(x, weight, self.espace_proj, self._comm(sp), accumulate,
-                                precomputed=self._precomputed)
+                                precomputed=self._precomputed,
+                                step=self._step() if own else None)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, espace_rank={self.projection_rank})"
@@ -403,9 +413,12 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
 
     def _inner_sp_bytes(self, padded, backward):
         n, rank = self.output_size, self.projection_rank
-        # Z and Ŷ forward (dZ backward); A unless precomputed (and dA backward)
+        # Z and Ŷ forward (dZ backward); A unless precomputed (and dA backward), once per
+        # step of n ≥ 2 micro-batches under a StepState: at most half of each per call
         z_widths = 2 * rank + n if backward else rank + n
         a_reductions = (0 if self._precomputed else 2) + (2 if backward else 0)
+        if self._step() is not None:
+            a_reductions //= 2
         return z_widths * padded + a_reductions * n * rank
 
     def forward(self, input_):

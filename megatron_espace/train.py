@@ -89,6 +89,10 @@ def parse_args(argv=None):
     e.add_argument("--espace-config", default=None)
     e.add_argument("--espace-projections", default=None)
     e.add_argument("--espace-keep-dropout", action="store_true")
+    e.add_argument("--espace-step-wgrad", action=argparse.BooleanOptionalAction, default=True,
+                   help="with several micro-batches per step, compute A = W P and "
+                   "dW = (sum dA) P^T once per step instead of once per micro-batch (default "
+                   "on; the gradients are the same)")
     e.add_argument("--espace-compressed", action="store_true",
                    help="build the compressed inference model (export_compressed) before "
                    "loading: for checkpoints written by `espace convert`")
@@ -356,6 +360,10 @@ def _wrap(model, args):
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
     config.finalize_model_grads_func = finalize_model_grads
+    if args.espace_step_wgrad:
+        from megatron_espace.accumulation import defer_weight_grads
+
+        defer_weight_grads([ddp])  # wraps ddp.no_sync, so it comes first
     config.no_sync_func = ddp.no_sync
     if args.bf16:
         config.grad_scale_func = optimizer.scale_loss

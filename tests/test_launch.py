@@ -454,6 +454,38 @@ def test_provider_with_virtual_pipeline_chunks(tmp_path, megatron_tp1, fake_mega
 # ------------------------------------------------------------------------- scripts
 
 
+@pytest.mark.parametrize("overlap,step_wgrad", [(False, True), (True, True), (False, False)])
+def test_setup_defers_weight_grads(tmp_path, megatron_tp1, fake_megatron_training, overlap,
+                                   step_wgrad):
+    """``step_wgrad_setup`` wraps the built DDP chunks' ``no_sync`` (accumulation.py) and
+    sets ``config.no_sync_func`` where Megatron-LM's ``train()`` will not (no overlap)."""
+    from megatron.core.distributed import DistributedDataParallel as DDP
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    model = _espace()
+    model.config.no_sync_func = None
+    ddp = DDP(model.config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), model)
+    plain_no_sync = ddp.no_sync
+    fake_megatron_training.args = _megatron_args(tmp_path, overlap_grad_reduce=overlap,
+                                                 espace_step_wgrad=step_wgrad)
+    built = w.step_wgrad_setup(lambda *a, **k: ([ddp], "optimizer", "scheduler"))("provider")
+    assert built == ([ddp], "optimizer", "scheduler")
+    wrapped = ddp.no_sync != plain_no_sync
+    assert wrapped == step_wgrad
+    # with overlap Megatron-LM's train() sets it to the chunks' no_sync; it asserts it unset
+    assert model.config.no_sync_func == (ddp.no_sync if step_wgrad and not overlap else None)
+    if step_wgrad:
+        with ddp.no_sync():
+            assert all(m.espace_step.deferring for m in _projected_layers(model))
+        assert not any(m.espace_step.deferring for m in _projected_layers(model))
+
+
+def _projected_layers(model):
+    from megatron_espace.surgery import linear_layers
+
+    return [m for m in linear_layers(model).values() if m.projection_rank]
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_parse(script):
     assert script.is_file()
