@@ -35,7 +35,10 @@ reduce-scatter ``(t-1)/t`` of the full one), with ``M`` tokens:
   ``K`` meets;
 * row: ``2L·M + N·M + 4N·L`` (``2N·L`` once compressed: ``A`` is not reduced)
   against dense's ``2N·M`` (its output all-reduce): roughly ``L ≤ N/2`` for
-  ``M ≫ N``, less for short inputs.
+  ``M ≫ N``, less for short inputs. In a step of ``n ≥ 2`` micro-batches under a
+  :class:`~megatron_espace.projected_linear.StepState` (``accumulation.py``) ``A`` and
+  ``dA`` are reduced once per step, counted as ``2N·L`` per call (their ``4N·L`` over
+  at least two calls), so the step as a whole still moves no more than dense.
 
 Under ``torch.no_grad`` (inference) the forward's bytes alone decide: a column
 layer then stays replicated (dense sends nothing forward), a row layer sends
