@@ -12,7 +12,8 @@
 What it does, in Megatron-LM's own ``pretrain()``:
 
 * **flags**: ``--espace-config`` and ``--espace-projections`` (both or neither; without them
-  this is exactly ``pretrain_gpt.py``) and ``--espace-keep-dropout``, added through
+  this is exactly ``pretrain_gpt.py``), ``--espace-keep-dropout`` and
+  ``--no-espace-step-wgrad``, added through
   ``extra_args_provider`` next to ModelOpt's flags when ModelOpt is installed.
 * **model**: the provider is ``pretrain_gpt.model_provider`` with ``gpt_builder``, imported,
   not re-implemented. ESPACE is applied to the built model *inside* the provider, before it
@@ -31,6 +32,10 @@ What it does, in Megatron-LM's own ``pretrain()``:
 * **dropout**: off while ESPACE retrains (paper, Section 4.3): ``--hidden-dropout`` and
   ``--attention-dropout`` are set to 0 before the model is built, as ``megatron_espace.train``
   does; ``--espace-keep-dropout`` keeps them.
+* **gradient accumulation**: ``setup_model_and_optimizer`` is wrapped
+  (:func:`step_wgrad_setup`) so that the DDP chunks it builds compute ``A = W P`` and
+  ``dW = (Σ dA) Pᵀ`` once per step (``megatron_espace.accumulation``);
+  ``--no-espace-step-wgrad`` keeps them per micro-batch.
 * **data**: ``train_valid_test_datasets_provider.is_distributed = True`` as in
   ``pretrain_gpt.py``'s ``__main__``, with the same ``forward_step``, ``args_defaults``,
   ``get_embedding_ranks`` and in-process-restart wrapping.

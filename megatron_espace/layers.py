@@ -23,7 +23,7 @@ Tensor parallelism (DESIGN section 2), with ``projected_linear`` computing
 Without sequence parallelism the layers run **sequence-parallel inside**: the
 tokens ``[s, b]`` are flattened (zero-padded to a multiple of TP when they do
 not divide), a column layer splits its replicated input locally and gathers
-``dx`` back, a row layer all-gathers its token-split output (its output gradient
+``dx`` back (started before, and waited for after, its weight gradient), a row layer all-gathers its token-split output (its output gradient
 is replicated, so each rank takes its slice), and in between the layer is
 exactly its sequence-parallel self. Every GEMM is then split across TP. It is
 done where it moves no more bytes than the dense layer, fwd + bwd, counted as
@@ -67,7 +67,6 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
-    scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.mappings import (
@@ -97,11 +96,28 @@ def _reduce_scatter_seq(group):
     return lambda t: _reduce_scatter_along_first_dim(t.contiguous(), group)
 
 
+def _local_rows(group):
+    def rows(t):
+        size = t.shape[0] // group.size()
+        return t[group.rank() * size:(group.rank() + 1) * size]
+    return rows
+
+
+def _all_gather_rows_async(group):
+    """All-gather along dim 0, started now; the returned callable waits for it."""
+    def start(t):
+        out = t.new_empty((t.shape[0] * group.size(), *t.shape[1:]))
+        handle = dist.all_gather_into_tensor(out, t.contiguous(), group=group, async_op=True)
+        return lambda: (handle.wait(), out)[1]
+    return start
+
+
 def _flat_tokens(x: torch.Tensor, tp: int) -> torch.Tensor:
     """``[s, b, K] -> [M', K]``: the ``M = s·b`` tokens in one dim, zero rows appended up to
     ``M'``, the next multiple of ``tp``."""
     flat = x.reshape(-1, x.shape[-1])
-    return F.pad(flat, (0, 0, 0, -flat.shape[0] % tp))
+    pad = -flat.shape[0] % tp
+    return F.pad(flat, (0, 0, 0, pad)) if pad else flat
 
 
 def _known_kwargs(parent, kwargs):
@@ -114,10 +130,13 @@ class _Collectives(ProjectionComm):
     """A :class:`ProjectionComm` made of four callables."""
 
     def __init__(self, z_forward=_IDENTITY, z_backward=_IDENTITY, a_forward=_IDENTITY,
-                 a_backward=_IDENTITY):
+                 a_backward=_IDENTITY, x_forward=_IDENTITY, x_backward=None):
         self.z_forward, self.z_backward = z_forward, z_backward
         self.a_forward, self.a_backward = a_forward, a_backward
         self.reduces_da = a_backward is not _IDENTITY
+        self.x_forward = x_forward
+        if x_backward is not None:
+            self.x_backward = x_backward
 
 
 def _load_projection_hook(module, state_dict, prefix, *args):
@@ -311,10 +330,15 @@ class _ESPACEMixin:
                     tensor, key, tp_axis=axes[name], **groups)
         return sharded
 
-    def _comm(self, sequence_parallel: bool) -> ProjectionComm:
+    def _comm(self, sequence_parallel: bool, split_input: bool = False) -> ProjectionComm:
         tp, _ = self._tp_size_rank()
-        return (_Collectives() if tp == 1
-                else self._collectives(self.tp_group, sequence_parallel))
+        if tp == 1:
+            return _Collectives()
+        comm = self._collectives(self.tp_group, sequence_parallel)
+        if split_input:  # a replicated input's token rows; dx all-gathered back
+            comm.x_forward = _local_rows(self.tp_group)
+            comm.x_backward = _all_gather_rows_async(self.tp_group)
+        return comm
 
     def _splits_tokens(self, tokens: int) -> bool:
         """Whether a call on ``tokens`` tokens runs sequence-parallel inside (module doc):
@@ -338,12 +362,13 @@ class _ESPACEMixin:
         step = self.espace_step
         return step if self.training and not self._precomputed and step.active else None
 
-    def _gemm(self, x, weight=None, sequence_parallel=None):
+    def _gemm(self, x, weight=None, sequence_parallel=None, split_input=False):
         own = weight is None
         weight = self._gemm_weight(weight)
         accumulate = bool(self.gradient_accumulation_fusion) and own
         sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
-        return projected_linear(x, weight, self.espace_proj, self._comm(sp), accumulate,
+        return projected_linear(x, weight, self.espace_proj, self._comm(sp, split_input),
+                                accumulate,
                                 precomputed=self._precomputed,
                                 step=self._step() if own else None)
 
@@ -386,8 +411,7 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
         tokens = input_.shape[:-1].numel()
         if self._splits_tokens(tokens):
             flat = _flat_tokens(input_, self._tp_size_rank()[0])
-            local = scatter_to_sequence_parallel_region(flat, group=self.tp_group)
-            output = self._gemm(local, weight, sequence_parallel=True)[:tokens]
+            output = self._gemm(flat, weight, sequence_parallel=True, split_input=True)[:tokens]
             output = output.reshape(*input_.shape[:-1], output.shape[-1])
         else:
             output = self._gemm(input_, weight)

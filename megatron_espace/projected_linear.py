@@ -8,7 +8,8 @@ Pure torch. Shapes use megatron's storage: ``x [..., K]``, ``weight [N, K]``,
 
 ``P Pᵀ`` (K×K) is never formed and ``x`` itself is not saved for backward (only
 the L-wide ``Z``). Tensor parallelism enters through four collectives, one on
-each side of the two products; a :class:`ProjectionComm` supplies them
+each side of the two products, and optionally a token split of ``x`` whose ``dx`` is
+gathered while the weight gradient is computed; a :class:`ProjectionComm` supplies them
 (identity by default, so this module knows nothing about process groups).
 
 ``A`` and ``dW`` depend on the micro-batch only through ``dA``: within one optimizer step
@@ -24,10 +25,19 @@ import torch
 
 
 class ProjectionComm:
-    """Collectives around ``Z`` and ``A``; all identity (a single device)."""
+    """Collectives around ``x``, ``Z`` and ``A``; all identity (a single device)."""
 
     #: whether ``a_backward`` reduces (``dA`` holds this rank's tokens only)
     reduces_da = False
+
+    def x_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``x`` this rank computes with."""
+        return x
+
+    def x_backward(self, dx: torch.Tensor):
+        """Start turning this rank's ``dx`` rows into the gradient of the whole ``x``;
+        returns a callable that finishes it (called after the weight gradient)."""
+        return lambda: dx
 
     def z_forward(self, z: torch.Tensor) -> torch.Tensor:
         return z
@@ -107,7 +117,7 @@ class _ProjectedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, proj, comm, accumulate_main_grad, precomputed, step):
         p = proj.to(x.dtype)
-        z = comm.z_forward(torch.matmul(x, p))
+        z = comm.z_forward(torch.matmul(comm.x_forward(x), p))
         if precomputed:
             a = weight
         elif step is not None:
@@ -124,6 +134,8 @@ class _ProjectedLinear(torch.autograd.Function):
         z, a, p = ctx.saved_tensors
         comm = ctx.comm
         dx = dw = None
+        if ctx.needs_input_grad[0]:  # first, so that gathering dx overlaps the weight grad
+            dx = comm.x_backward(torch.matmul(comm.z_backward(torch.matmul(dy, a)), p.t()))
         if ctx.needs_input_grad[1]:
             da = dy.reshape(-1, dy.shape[-1]).t() @ z.reshape(-1, z.shape[-1])
             if ctx.step is not None:
@@ -137,9 +149,7 @@ class _ProjectedLinear(torch.autograd.Function):
                     weight.main_grad.add_(dw)
                     dw = _dummy_grad(weight) if hasattr(weight, "grad_added_to_main_grad") \
                         else None
-        if ctx.needs_input_grad[0]:
-            dx = torch.matmul(comm.z_backward(torch.matmul(dy, a)), p.t())
-        return dx, dw, None, None, None, None, None
+        return (None if dx is None else dx()), dw, None, None, None, None, None
 
 
 def _step_weight_grad(ctx, da):

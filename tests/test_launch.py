@@ -776,7 +776,13 @@ from megatron.training.arguments import parse_args
 sys.argv = ['x', '--espace-config', 'c.yaml', '--espace-projections', 'p.safetensors']
 args = parse_args(w.extra_args_provider)
 assert args.espace_config == 'c.yaml' and args.espace_projections == 'p.safetensors'
+assert args.espace_step_wgrad is True and args.overlap_grad_reduce is False
 assert args.dist_ckpt_strictness == 'assume_ok_unexpected', args.dist_ckpt_strictness
+# step_wgrad_setup replaces the module global that pretrain() calls
+import inspect
+from megatron.training import training
+assert 'setup_model_and_optimizer(' in inspect.getsource(training.pretrain)
+assert 'config.no_sync_func is None' in inspect.getsource(training.train)
 assert args.transformer_impl == 'transformer_engine'
 assert '--transformer-impl local' in w.layer_spec_problem(args)
 sys.argv = ['x', '--transformer-impl', 'local']
