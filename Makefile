@@ -21,8 +21,9 @@ PY19   := $(VENV19)/bin/python
 STAMP19 := $(VENV19)/.espace-installed
 # the tests that touch version-specific code: layers, surgery and specs, checkpoints and
 # baselines, calibration, the trainer's retraining from a baseline, the Megatron-LM wrapper's
-# decisions, the CPU shims
+# decisions, the CPU shims, gradient accumulation on DDP's no_sync and hooks
 TESTS19 ?= tests/test_versions.py tests/test_cpu_shims.py tests/test_layers.py \
+	tests/test_accumulation.py \
 	tests/test_surgery.py tests/test_checkpointing.py tests/test_baselines.py \
 	tests/test_calibrate.py tests/test_launch.py \
 	tests/test_train.py::test_baseline_to_espace_retraining \
