@@ -691,11 +691,14 @@ def test_main_calls_pretrain_as_megatron_lm_expects(pretrain, monkeypatch):
         calls.setdefault("parsed", (extra_args_provider, args_defaults)) and "ARGS")
     argument_utils = types.ModuleType("megatron.training.argument_utils")
     argument_utils.pretrain_cfg_container_from_args = lambda args: ("CONTAINER", args)
+    training.training = types.ModuleType("megatron.training.training")
+    training.training.setup_model_and_optimizer = setup = lambda *a, **k: None
     gpt = types.ModuleType("pretrain_gpt")
     gpt.train_valid_test_datasets_provider = lambda *a: None
     gpt.model_provider, gpt.gpt_builder, gpt.forward_step, gpt.get_embedding_ranks = (
         print, repr, len, abs)  # distinct callables
     for name, module in (("megatron.training", training), ("pretrain_gpt", gpt),
+                         ("megatron.training.training", training.training),
                          ("megatron.training.arguments", arguments),
                          ("megatron.training.argument_utils", argument_utils)):
         monkeypatch.setitem(sys.modules, name, module)
@@ -708,6 +711,8 @@ def test_main_calls_pretrain_as_megatron_lm_expects(pretrain, monkeypatch):
     assert base.func is gpt.model_provider and base.args == (gpt.gpt_builder,)
     assert bound["forward_step_func"] is gpt.forward_step and bound["store"] == "store"
     assert gpt.train_valid_test_datasets_provider.is_distributed
+    wrapped = training.training.setup_model_and_optimizer  # A and dW once per step
+    assert wrapped is not setup and wrapped.__qualname__.startswith("step_wgrad_setup")
     if "cfg_container" in bound:
         assert bound["cfg_container"] == ("CONTAINER", "ARGS")
         assert calls["parsed"] == (w.extra_args_provider, w.ARGS_DEFAULTS)
