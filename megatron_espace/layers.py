@@ -112,6 +112,12 @@ def _all_gather_rows_async(group):
     return start
 
 
+def _unpadded(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` rows of ``t``; ``t`` itself when there is no padding (a slice's
+    backward would build a zero-filled copy of the whole gradient)."""
+    return t if t.shape[0] == tokens else t[:tokens]
+
+
 def _flat_tokens(x: torch.Tensor, tp: int) -> torch.Tensor:
     """``[s, b, K] -> [M', K]``: the ``M = s·b`` tokens in one dim, zero rows appended up to
     ``M'``, the next multiple of ``tp``."""
@@ -411,7 +417,8 @@ class ESPACEColumnParallelLinear(_ESPACEMixin, ColumnParallelLinear):
         tokens = input_.shape[:-1].numel()
         if self._splits_tokens(tokens):
             flat = _flat_tokens(input_, self._tp_size_rank()[0])
-            output = self._gemm(flat, weight, sequence_parallel=True, split_input=True)[:tokens]
+            output = _unpadded(
+                self._gemm(flat, weight, sequence_parallel=True, split_input=True), tokens)
             output = output.reshape(*input_.shape[:-1], output.shape[-1])
         else:
             output = self._gemm(input_, weight)
@@ -460,8 +467,8 @@ class ESPACERowParallelLinear(_ESPACEMixin, RowParallelLinear):
         if self._splits_tokens(tokens):
             flat = _flat_tokens(input_parallel, self._tp_size_rank()[0])
             local = self._gemm(flat, sequence_parallel=True)
-            output = gather_from_sequence_parallel_region(
-                local, tensor_parallel_output_grad=False, group=self.tp_group)[:tokens]
+            output = _unpadded(gather_from_sequence_parallel_region(
+                local, tensor_parallel_output_grad=False, group=self.tp_group), tokens)
             output = output.reshape(*input_parallel.shape[:-1], output.shape[-1])
         else:
             output = self._gemm(input_parallel)
