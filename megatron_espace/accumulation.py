@@ -11,19 +11,41 @@ step runs inside the chunk's ``no_sync()``. Inside it the layers keep ``Σ dA``
 optimizer and ``--gradient-accumulation-fusion`` see what they saw before.
 
 Per-rank cost of a layer with ``N`` outputs (its rank's), rank ``L``, ``n`` micro-batches:
-``A`` and ``dW`` ``2·N·K·L`` FLOPs once instead of ``n`` times each; memory: ``Σ dA``,
-``N·L`` float32 through the step (``A`` was already held for backward; now one copy
-serves every micro-batch). Row-parallel layers all-reduce ``A`` and ``dA`` once per step.
+``A`` and ``dW`` ``2·N·K·L`` FLOPs once instead of ``n`` times each; memory
+(:func:`step_bytes`): ``Σ dA``, ``N·L`` float32 through the step, and ``A`` (each
+micro-batch held one for its backward before; now one copy serves them all).
+Row-parallel layers all-reduce ``A`` and ``dA`` once per step.
 """
 
 import contextlib
 from typing import Iterable
+
+import torch
 
 from megatron_espace.layers import _ESPACEMixin
 
 
 def _espace_layers(chunk):
     return [m for m in chunk.modules() if isinstance(m, _ESPACEMixin)]
+
+
+def step_bytes(model_chunks, activation_dtype) -> int:
+    """Bytes the deferred layers of ``model_chunks`` hold through a step on this rank:
+    per layer ``A`` (``[N_local, L]`` in ``activation_dtype``; the full N for row-parallel
+    layers) and ``Σ dA`` (the same shape, float32; float64 for float64 weights), where
+    ``N_local`` is the rows of the rank's ``weight``. (A row-parallel layer whose
+    micro-batches differ in token count may split some and not others: it then holds two
+    ``Σ dA``.)
+    """
+    size = torch.empty(0, dtype=activation_dtype).element_size()
+    total = 0
+    for chunk in model_chunks:
+        for m in _espace_layers(chunk):
+            if m.projection_rank is None or m.weight is None or not m.weight.requires_grad:
+                continue
+            sums = 8 if m.weight.dtype == torch.float64 else 4
+            total += m.weight.shape[0] * m.projection_rank * (size + sums)
+    return total
 
 
 def defer_weight_grads(model_chunks: Iterable) -> int:

@@ -80,6 +80,11 @@ class StepState:
         """Whether ``dA`` was kept that no ``dW`` has taken yet."""
         return bool(self._sums)
 
+    def nbytes(self) -> int:
+        """Bytes held now: ``A`` and the ``Σ dA`` parts."""
+        held = [t for t, _ in self._sums.values()] + ([self.a] if self.a is not None else [])
+        return sum(t.nbytes for t in held)
+
     def projected_weight(self, weight, p, comm) -> torch.Tensor:
         """``A = W P`` (after ``comm.a_forward``), computed at the step's first forward."""
         if self.a is None:

@@ -361,9 +361,13 @@ def _wrap(model, args):
         use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
     config.finalize_model_grads_func = finalize_model_grads
     if args.espace_step_wgrad:
-        from megatron_espace.accumulation import defer_weight_grads
+        from megatron_espace.accumulation import defer_weight_grads, step_bytes
 
-        defer_weight_grads([ddp])  # wraps ddp.no_sync, so it comes first
+        if defer_weight_grads([ddp]) and dist.get_rank() == 0:  # wraps ddp.no_sync: first
+            held = step_bytes([ddp], torch.bfloat16 if args.bf16 else torch.float32)
+            print(f"ESPACE: A = W P and dW = (sum dA) P^T once per step, holding "
+                  f"{held / 2**20:.1f} MiB on rank 0 through each step "
+                  "(--no-espace-step-wgrad: per micro-batch)", flush=True)
     config.no_sync_func = ddp.no_sync
     if args.bf16:
         config.grad_scale_func = optimizer.scale_loss

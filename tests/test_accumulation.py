@@ -174,7 +174,7 @@ def test_a_step_that_never_leaves_no_sync_is_refused(megatron_tp1):
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from megatron_espace.accumulation import defer_weight_grads
+    from megatron_espace.accumulation import defer_weight_grads, step_bytes
 
     cfg = transformer_config()
     model = gpt_model(cfg)
@@ -186,6 +186,10 @@ def test_a_step_that_never_leaves_no_sync_is_refused(megatron_tp1):
     tokens, pos, labels = token_batch(batch=2, seq_length=16)
     with ddp.no_sync():
         ddp(tokens, pos, None, labels=labels).sum().backward()
+    layers = [m for m in model.modules() if hasattr(m, "espace_step")]
+    held = sum(m.espace_step.nbytes() for m in layers)  # A and Σ dA, float32 here
+    assert held == step_bytes([ddp], torch.float32) == sum(
+        8 * m.weight.shape[0] * m.projection_rank for m in layers) > 0
     with pytest.raises(RuntimeError, match="decoder.layers.0.self_attention.linear_qkv.*never"):
         ddp.zero_grad_buffer()
     ddp.zero_grad_buffer()  # reported once; the next step starts clean
