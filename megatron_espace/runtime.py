@@ -52,16 +52,27 @@ def initialize(
         cpu_shims.install()
 
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # plain single process
+        # a plain single process picks its own port; another process may take it between the
+        # pick and the store's bind, so a port taken by then is picked again (a few times)
+        tries = 1
+        if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"], tries = str(_free_port()), 5
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if has_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(
-            backend="nccl" if has_cuda else "gloo",
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+        for attempt in range(tries):
+            try:
+                torch.distributed.init_process_group(
+                    backend="nccl" if has_cuda else "gloo",
+                    timeout=timedelta(minutes=timeout_minutes),
+                )
+                break
+            except torch.distributed.DistNetworkError:
+                if attempt == tries - 1:
+                    raise
+                os.environ["MASTER_PORT"] = str(_free_port())
 
     world = torch.distributed.get_world_size()
     mp = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size

@@ -67,3 +67,27 @@ def test_user_error_is_one_line_and_debug_keeps_the_traceback():
         "integer\n"
     assert "Traceback (most recent call last)" in debug and "[rank 0]" in debug
     assert "ValueError: espace.yaml: layers[0].rank" in debug
+
+
+def test_single_process_picks_another_port_when_its_own_was_taken():
+    """A plain single process chooses MASTER_PORT itself; if another process binds it before
+    the store does, initialize picks again instead of failing (EADDRINUSE)."""
+    code = """
+import socket
+from megatron_espace import runtime
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+ports = [taken.getsockname()[1], runtime._free_port()]
+runtime._free_port = lambda: ports.pop(0)
+runtime.initialize()
+import os, torch
+assert torch.distributed.get_world_size() == 1 and not ports
+print("PORT", os.environ["MASTER_PORT"], taken.getsockname()[1])
+runtime.destroy()
+"""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=str(ROOT), env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    used, taken = out.stdout.split("PORT")[1].split()
+    assert used != taken
