@@ -8,7 +8,10 @@ step runs inside the chunk's ``no_sync()``. Inside it the layers keep ``Σ dA``
 (``projected_linear.StepState``); the last backward expands ``dW`` once into
 ``weight.main_grad``, in that backward, so megatron DDP's gradient hooks (and
 ``--overlap-grad-reduce``), the gradient reduction that follows, the distributed
-optimizer and ``--gradient-accumulation-fusion`` see what they saw before.
+optimizer and ``--gradient-accumulation-fusion`` see what they saw before. Where a schedule
+runs even the last backward inside ``no_sync`` and reduces through ``config.grad_sync_func``
+(``--align-grad-reduce``: pipeline stages after the first, interleaved chunks), the chunk's
+``start_grad_sync`` / ``finish_grad_sync`` expand what is pending first.
 
 Per-rank cost of a layer with ``N`` outputs (its rank's), rank ``L``, ``n`` micro-batches:
 ``A`` and ``dW`` ``2·N·K·L`` FLOPs once instead of ``n`` times each; memory
@@ -51,18 +54,20 @@ def step_bytes(model_chunks, activation_dtype) -> int:
 def defer_weight_grads(model_chunks: Iterable) -> int:
     """Make each megatron DDP chunk's ``no_sync`` also defer its ESPACE layers' weight work.
 
-    Wraps the chunks' ``no_sync`` and ``zero_grad_buffer`` (on the instances), so the
-    schedule's ``config.no_sync_func`` must be the chunks' ``no_sync``, taken after this
-    call (megatron-core's default with ``--overlap-grad-reduce``; set it otherwise: DDP's
+    Wraps the chunks' ``no_sync``, ``zero_grad_buffer``, ``start_grad_sync`` and
+    ``finish_grad_sync`` (on the instances), so the schedule's ``config.no_sync_func`` (and
+    ``grad_sync_func``) must be the chunks' own, taken after this call (megatron-core's default with ``--overlap-grad-reduce``; set it otherwise: DDP's
     ``no_sync`` changes nothing else then). ``zero_grad_buffer``, called at the start of
     every step, drops any ``A`` of the last step and raises if a ``Σ dA`` was never expanded
     (a step whose last backward ran inside ``no_sync``). Returns the number of layers.
     """
     count = 0
     for chunk in model_chunks:
-        if not (hasattr(chunk, "no_sync") and hasattr(chunk, "zero_grad_buffer")):
+        if not all(hasattr(chunk, f) for f in ("no_sync", "zero_grad_buffer",
+                                                 "start_grad_sync", "finish_grad_sync")):
             raise TypeError(f"defer_weight_grads: {type(chunk).__name__} is not a megatron "
-                            "DistributedDataParallel chunk (no no_sync/zero_grad_buffer)")
+                            "DistributedDataParallel chunk (no no_sync, zero_grad_buffer, "
+                            "start_grad_sync, finish_grad_sync)")
         layers = _espace_layers(chunk)
         missing = [m.espace_name for m in layers
                    if m.weight is not None and m.weight.requires_grad
@@ -77,6 +82,20 @@ def defer_weight_grads(model_chunks: Iterable) -> int:
 
 def _wrap(chunk, layers) -> None:
     no_sync, zero_grad_buffer = chunk.no_sync, chunk.zero_grad_buffer
+    start_grad_sync, finish_grad_sync = chunk.start_grad_sync, chunk.finish_grad_sync
+
+    def flush():
+        for m in layers:
+            if m.espace_step.pending:
+                m.espace_step.flush(m.weight, m.espace_proj)
+
+    def flushing_start_grad_sync(*args, **kwargs):
+        flush()
+        return start_grad_sync(*args, **kwargs)
+
+    def flushing_finish_grad_sync(*args, **kwargs):
+        flush()
+        return finish_grad_sync(*args, **kwargs)
 
     @contextlib.contextmanager
     def deferring_no_sync():
@@ -103,3 +122,5 @@ def _wrap(chunk, layers) -> None:
 
     chunk.no_sync = deferring_no_sync
     chunk.zero_grad_buffer = checked_zero_grad_buffer
+    chunk.start_grad_sync = flushing_start_grad_sync
+    chunk.finish_grad_sync = flushing_finish_grad_sync

@@ -99,11 +99,14 @@ class StepState:
         total = da.to(dtype) if total is None else total.add_(da)
         self._sums[comm.reduces_da] = (total, comm)
 
-    def take(self) -> torch.Tensor:
-        """``Σ dA`` (each part reduced once) and the end of the step."""
-        parts = [comm.a_backward(total) for total, comm in self._sums.values()]
+    def flush(self, weight: torch.Tensor, proj: torch.Tensor) -> None:
+        """End the step: ``weight.main_grad += (Σ dA) Pᵀ`` (each part of ``Σ dA`` reduced
+        once; collective where they reduce), and forget ``A``."""
+        if self._sums:
+            parts = [comm.a_backward(total) for total, comm in self._sums.values()]
+            total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            weight.main_grad.add_(total @ proj.to(total.dtype).t())
         self.reset()
-        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def reset(self) -> None:
         self.a = None
@@ -163,8 +166,7 @@ def _step_weight_grad(ctx, da):
     step, weight = ctx.step, ctx.weight
     step.add(da, ctx.comm)
     if not step.deferring:
-        total = step.take()
-        weight.main_grad.add_(total @ ctx.proj.to(total.dtype).t())
+        step.flush(weight, ctx.proj)
     return _dummy_grad(weight)
 
 

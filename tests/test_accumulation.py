@@ -1,7 +1,9 @@
 """A and dW once per optimizer step (``accumulation.defer_weight_grads``): a step of 4
 micro-batches gives the per-micro-batch implementation's losses, gradients and updated
 weights, at TP=2 with and without sequence parallelism and with full activation recompute,
-PP=2 (1F1B) and DP=2 with the distributed optimizer and overlapped gradient reduction; it
+PP=2 (1F1B; also with overlapped reduction through ``grad_sync_func``, where stage 1 runs its
+last backward inside ``no_sync``) and DP=2 with the distributed optimizer and overlapped
+gradient reduction; it
 saves exactly
 ``(n-1)·4·N·K·L`` matmul FLOPs per layer and rank."""
 
@@ -19,7 +21,7 @@ MICRO = 4
 RULES = {"layers": [{"match": "*", "rank": 16, "method": "mse"}]}
 
 
-def _run(defer, tp, pp, sp, dist_opt, overlap, recompute):
+def _run(defer, tp, pp, sp, dist_opt, overlap, recompute, grad_sync):
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -38,6 +40,8 @@ def _run(defer, tp, pp, sp, dist_opt, overlap, recompute):
                                                  overlap_grad_reduce=overlap), model)
     layers = defer_weight_grads([ddp]) if defer else 0
     cfg.no_sync_func, cfg.finalize_model_grads_func = ddp.no_sync, finalize_model_grads
+    if grad_sync:  # Megatron-LM's --align-grad-reduce: later stages' last backward in no_sync
+        cfg.grad_sync_func = ddp.start_grad_sync
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=1e-3, use_distributed_optimizer=dist_opt, params_dtype=dtype,
         clip_grad=0.0), [ddp])
@@ -63,11 +67,13 @@ def _run(defer, tp, pp, sp, dist_opt, overlap, recompute):
     return out
 
 
-def _both(tp=1, pp=1, sp=False, dist_opt=False, overlap=False, recompute=False):
+def _both(tp=1, pp=1, sp=False, dist_opt=False, overlap=False, recompute=False,
+          grad_sync=False):
     from megatron_espace import runtime
 
     runtime.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    kw = dict(tp=tp, pp=pp, sp=sp, dist_opt=dist_opt, overlap=overlap, recompute=recompute)
+    kw = dict(tp=tp, pp=pp, sp=sp, dist_opt=dist_opt, overlap=overlap, recompute=recompute,
+              grad_sync=grad_sync)
     return {f"{mode}/{k}": v for mode, defer in (("plain", False), ("deferred", True))
             for k, v in _run(defer, **kw).items()}
 
@@ -77,6 +83,7 @@ LAYOUTS = {
     "tp2-sp": dict(tp=2, sp=True),
     "tp2-recompute": dict(tp=2, recompute=True),
     "pp2": dict(pp=2),
+    "pp2-overlap-grad-sync-func": dict(pp=2, overlap=True, grad_sync=True),
     "dp2-distopt-overlap": dict(dist_opt=True, overlap=True),
     "dp2-overlap": dict(overlap=True),
 }
