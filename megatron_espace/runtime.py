@@ -45,7 +45,7 @@ def initialize(
 
     has_cuda = torch.cuda.is_available()
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it
-        die_with_parent()
+        end_with_launcher()
     if not has_cuda:
         from megatron_espace import cpu_shims
 
@@ -131,6 +131,20 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+_forks_die_too = False
+
+
+def end_with_launcher() -> None:
+    """:func:`die_with_parent` for this rank and for every process it forks later: megatron's
+    checkpoint writers fork per save and would outlive a killed rank (holding its files and
+    its multiprocessing resource tracker)."""
+    global _forks_die_too
+    die_with_parent()
+    if not _forks_die_too:
+        os.register_at_fork(after_in_child=die_with_parent)
+        _forks_die_too = True
+
+
 def agree(fn):
     """Run ``fn`` on rank 0; if it raises ``SystemExit`` there, raise it on every rank (a
     user error all ranks share, which ``run_main`` prints once)."""
@@ -192,7 +206,7 @@ def run_main(main, *args, **kwargs) -> int:
     import traceback
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # as early as possible: imports can take minutes
-        die_with_parent()
+        end_with_launcher()
     debug = _debug(sys.argv)
     rank = int(os.environ.get("RANK", "0"))
     many = int(os.environ.get("WORLD_SIZE", "1")) > 1

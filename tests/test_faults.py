@@ -249,6 +249,10 @@ def test_kill_launcher_lock_and_requeue(data):
     job = subprocess.Popen(_torchrun(command), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     family = []
+    # the job's output keeps flowing once we stop reading it: a full pipe would block every
+    # writer in it, a rank's resource tracker too (its leak warnings at exit), which then
+    # outlives the kill
+    drain = threading.Thread(target=job.stdout.read, daemon=True)
     watchdog = threading.Timer(400, os.killpg, (job.pid, signal.SIGKILL))  # bounds the wait
     watchdog.start()
     try:
@@ -259,6 +263,7 @@ def test_kill_launcher_lock_and_requeue(data):
                 break
         else:
             raise AssertionError("".join(lines[-40:]))
+        drain.start()
         family = psutil.Process(job.pid).children(recursive=True)
         assert len(family) >= 4, family  # 2 ranks + their dist_checkpointing helpers
 
@@ -283,6 +288,8 @@ def test_kill_launcher_lock_and_requeue(data):
                 p.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
+        if drain.is_alive():
+            drain.join(timeout=30)
         job.stdout.close()
 
     done = int(_tracker(save))

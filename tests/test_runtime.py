@@ -1,5 +1,6 @@
 """runtime: a failing rank makes every rank exit (no hang in a collective)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -91,3 +92,33 @@ runtime.destroy()
     assert out.returncode == 0, out.stderr[-3000:]
     used, taken = out.stdout.split("PORT")[1].split()
     assert used != taken
+
+
+def test_processes_a_rank_forks_die_with_it():
+    """end_with_launcher (torchrun ranks): a process the rank forks later (megatron's
+    checkpoint writers fork per save) is killed with the rank instead of outliving it."""
+    import psutil
+
+    code = """
+import os, time
+from megatron_espace import runtime
+runtime.end_with_launcher()
+pid = os.fork()
+if pid == 0:
+    time.sleep(120)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(120)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=str(ROOT))
+    child = psutil.Process(int(proc.stdout.readline()))
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs([child], timeout=30)
+        assert not alive
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+        proc.stdout.close()
