@@ -137,7 +137,9 @@ _forks_die_too = False
 def end_with_launcher() -> None:
     """:func:`die_with_parent` for this rank and for every process it forks later: megatron's
     checkpoint writers fork per save and would outlive a killed rank (holding its files and
-    its multiprocessing resource tracker)."""
+    its multiprocessing resource tracker). PDEATHSIG follows the forking *thread*: a child
+    forked from a thread that exits before it would die then (megatron forks from the main
+    thread, or from processes it forked)."""
     global _forks_die_too
     die_with_parent()
     if not _forks_die_too:
