@@ -82,20 +82,14 @@ def defer_weight_grads(model_chunks: Iterable) -> int:
 
 def _wrap(chunk, layers) -> None:
     no_sync, zero_grad_buffer = chunk.no_sync, chunk.zero_grad_buffer
-    start_grad_sync, finish_grad_sync = chunk.start_grad_sync, chunk.finish_grad_sync
 
-    def flush():
-        for m in layers:
-            if m.espace_step.pending:
-                m.espace_step.flush(m.weight, m.espace_proj)
-
-    def flushing_start_grad_sync(*args, **kwargs):
-        flush()
-        return start_grad_sync(*args, **kwargs)
-
-    def flushing_finish_grad_sync(*args, **kwargs):
-        flush()
-        return finish_grad_sync(*args, **kwargs)
+    def flushing(sync):
+        def call(*args, **kwargs):
+            for m in layers:
+                if m.espace_step.pending:
+                    m.espace_step.flush(m.weight, m.espace_proj)
+            return sync(*args, **kwargs)
+        return call
 
     @contextlib.contextmanager
     def deferring_no_sync():
@@ -122,5 +116,5 @@ def _wrap(chunk, layers) -> None:
 
     chunk.no_sync = deferring_no_sync
     chunk.zero_grad_buffer = checked_zero_grad_buffer
-    chunk.start_grad_sync = flushing_start_grad_sync
-    chunk.finish_grad_sync = flushing_finish_grad_sync
+    chunk.start_grad_sync = flushing(chunk.start_grad_sync)
+    chunk.finish_grad_sync = flushing(chunk.finish_grad_sync)

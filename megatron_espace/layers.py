@@ -73,6 +73,7 @@ from megatron.core.tensor_parallel.mappings import (
     _gather_along_first_dim,
     _reduce,
     _reduce_scatter_along_first_dim,
+    _split_along_first_dim,
 )
 
 from megatron_espace.projected_linear import ProjectionComm, StepState, projected_linear
@@ -94,13 +95,6 @@ def _all_gather_seq(group):
 
 def _reduce_scatter_seq(group):
     return lambda t: _reduce_scatter_along_first_dim(t.contiguous(), group)
-
-
-def _local_rows(group):
-    def rows(t):
-        size = t.shape[0] // group.size()
-        return t[group.rank() * size:(group.rank() + 1) * size]
-    return rows
 
 
 def _all_gather_rows_async(group):
@@ -342,7 +336,7 @@ class _ESPACEMixin:
             return _Collectives()
         comm = self._collectives(self.tp_group, sequence_parallel)
         if split_input:  # a replicated input's token rows; dx all-gathered back
-            comm.x_forward = _local_rows(self.tp_group)
+            comm.x_forward = lambda t: _split_along_first_dim(t, self.tp_group)
             comm.x_backward = _all_gather_rows_async(self.tp_group)
         return comm
 
